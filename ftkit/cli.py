@@ -1,0 +1,202 @@
+"""The ``ftkit`` command: parse arguments, load and validate the stage config, call one stage function.
+
+Nothing else happens here. Heavy libraries (torch, transformers) are imported inside the stage
+functions, after the config has been validated, so a config mistake is reported in well under a second.
+A user mistake (``FtkitError``) is printed as one block of sentences and exits with status 1; it
+never shows a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from ftkit import __version__
+from ftkit.errors import FtkitError
+
+console = Console(stderr=True, highlight=False)
+app = typer.Typer(
+    name="ftkit",
+    help="Config-driven fine-tuning for large language models. Each command reads a YAML stage config; "
+    "add key=value pairs after it to override keys (ftkit train cfg.yaml learning_rate=1e-4).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+data_app = typer.Typer(help="Inspect datasets: list the registry, preview encoded examples and loss masks.",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+ConfigArg = Annotated[Path, typer.Argument(help="The stage config (YAML, LLaMA-Factory key names).",
+                                           show_default=False)]
+OverridesArg = Annotated[list[str] | None, typer.Argument(help="key=value overrides applied on top of the config.",
+                                                          show_default=False)]
+
+
+def _load(schema_name: str, config: Path | None, overrides: list[str] | None):
+    from ftkit.config import STAGE_SCHEMAS, load_stage_config
+
+    loaded = load_stage_config(STAGE_SCHEMAS[schema_name], config, list(overrides or []))
+    for note in loaded.notes:
+        console.print(f"[dim]note: {escape(note)}[/]")
+    return loaded
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"ftkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Config-driven fine-tuning for large language models."""
+
+
+@app.command()
+def train(config: ConfigArg, overrides: OverridesArg = None) -> None:
+    """Fine-tune a model (sft or pt; lora, qlora, full or freeze) as the config describes.
+
+    Resumes automatically from the last complete checkpoint in output_dir; writes the adapter or
+    model, train_results.json, trainer_log.jsonl, training_loss.png and the resolved config there.
+    """
+    loaded = _load("train", config, overrides)
+    from ftkit.train import run_training
+
+    run_training(loaded)
+
+
+@app.command()
+def validate(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    stage: Annotated[str, typer.Option(help="Which schema to check against: train or merge-lora (default: guessed "
+                                            "from the keys).")] = "",
+) -> None:
+    """Check a stage config (every problem at once) and print it with all defaults filled in."""
+    from ftkit.config import dump_resolved_config
+    from ftkit.config.loading import read_yaml_mapping
+
+    if not stage:
+        keys, _ = read_yaml_mapping(config)
+        stage = "merge-lora" if "export_dir" in keys else "train"
+    if stage not in ("train", "merge-lora"):
+        raise FtkitError(f"--stage {stage} is not a stage with a config; use train or merge-lora.")
+    loaded = _load(stage, config, overrides)
+    console.print(f"[green]{config} is a valid {stage} config.[/] Resolved, with defaults:")
+    print(dump_resolved_config(loaded.config), end="")
+
+
+@app.command()
+def chat(
+    model: Annotated[str, typer.Option(help="Model: a local dir, hub id, ms://id, .gguf file or "
+                                            "smollm2-135m-instruct.")] = "smollm2-135m-instruct",
+    adapter: Annotated[list[str] | None, typer.Option(help="LoRA adapter directory (repeat for several).")] = None,
+    prompt: Annotated[str | None, typer.Option(help="Answer this one prompt and exit (otherwise interactive).")] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    template: Annotated[str, typer.Option(help="Chat template (auto = the tokenizer's own).")] = "auto",
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 = greedy (deterministic).")] = 0.0,
+) -> None:
+    """Talk to a model (with optional LoRA adapters) in the terminal."""
+    from ftkit.chat import run_chat
+
+    run_chat(model=model, adapters=adapter or [], prompt=prompt, system=system, template=template,
+             max_new_tokens=max_new_tokens, temperature=temperature)
+
+
+@app.command("merge-lora")
+def merge_lora(
+    config: Annotated[Path | None, typer.Argument(help="A merge config (model_name_or_path, adapter_name_or_path, "
+                                                       "export_dir, ...).", show_default=False)] = None,
+    overrides: OverridesArg = None,
+    base: Annotated[str | None, typer.Option(help="Base model (instead of a config).")] = None,
+    adapter: Annotated[list[str] | None, typer.Option(help="Adapter directory (repeat to merge several in order).")] = None,
+    out: Annotated[str | None, typer.Option(help="Export directory.")] = None,
+) -> None:
+    """Fold LoRA adapters into their base model and export a standalone model."""
+    _not_implemented("merge-lora")
+
+
+@app.command()
+def serve(config: Annotated[Path | None, typer.Argument(show_default=False)] = None) -> None:
+    """Serve a model behind an OpenAI-compatible API (continuous batching, paged KV cache, multi-LoRA)."""
+    _not_implemented("serve")
+
+
+@app.command()
+def evaluate(config: Annotated[Path | None, typer.Argument(show_default=False)] = None) -> None:
+    """Evaluate a model on GSM8K (lm-evaluation-harness numbers) or on your own datasets."""
+    _not_implemented("evaluate")
+
+
+@app.command()
+def quantize(config: Annotated[Path | None, typer.Argument(show_default=False)] = None) -> None:
+    """Quantize a model (INT8/INT4, GGUF export) with a measured size/speed/quality report."""
+    _not_implemented("quantize")
+
+
+def _not_implemented(command: str) -> None:
+    raise FtkitError(f"`ftkit {command}` is not implemented yet in ftkit {__version__}; it is planned "
+                     "(see the README's roadmap).")
+
+
+@data_app.command("list")
+def data_list(
+    dataset_dir: Annotated[str, typer.Option(help="Folder holding dataset_info.json.")] = "data",
+) -> None:
+    """List the datasets registered in dataset_info.json."""
+    from ftkit.data.preview import print_registry
+
+    print_registry(dataset_dir)
+
+
+@data_app.command("preview")
+def data_preview(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    num_examples: Annotated[int, typer.Option("-n", "--num-examples", help="How many examples to show.")] = 3,
+) -> None:
+    """Show encoded examples with the trained-on tokens highlighted, plus length, truncation and padding stats."""
+    loaded = _load("train", config, overrides)
+    from ftkit.data.preview import preview_dataset
+
+    preview_dataset(loaded.config, num_examples=num_examples)
+
+
+def main() -> None:
+    """Console entry point: run the app, turn user mistakes into one clear message and exit code 1."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app(standalone_mode=False)
+    except FtkitError as err:
+        console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        sys.exit(130)
+    except typer.Exit as exit_:
+        sys.exit(exit_.exit_code)
+    except (typer.Abort, EOFError):
+        sys.exit(1)
+    except Exception as err:  # click usage errors arrive here in standalone_mode=False
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

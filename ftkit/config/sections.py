@@ -1,0 +1,246 @@
+"""The sections every stage config is assembled from, with LLaMA-Factory's key names.
+
+A stage config is flat YAML (LLaMA-Factory style); each stage schema in ``ftkit.config.stages`` is
+the union of the sections it needs. Each section validates its own fields (types, ranges, choices)
+and owns the cross-field rules about them in ``problems()``, so a rule lives next to the field it
+concerns. Defaults follow LLaMA-Factory unless noted in the field's description.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Problem = tuple[str, str]
+"""A cross-field problem: (the key it concerns, one sentence saying what is wrong and what is right)."""
+
+
+def split_names(value: Any) -> Any:
+    """Accept LLaMA-Factory's comma-separated strings (``dataset: a,b``) as well as YAML lists."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Section(BaseModel):
+    """Base for every section: unknown keys are handled by the loader, types are strict enough."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=())
+
+    def problems(self) -> list[Problem]:
+        """Cross-field rules of this section; empty when the section is consistent."""
+        return []
+
+
+class ModelSection(Section):
+    """Which model, tokenizer and chat template a stage works on (shared by every stage)."""
+
+    model_name_or_path: str = Field(
+        "smollm2-135m-instruct",
+        description="A local directory, a Hugging Face hub id, 'ms://org/name' (ModelScope), a .gguf file, "
+        "or the embedded alias smollm2-135m-instruct.",
+    )
+    adapter_name_or_path: list[str] | None = Field(
+        None, description="LoRA adapter directories (or hub ids), comma-separated; applied in order."
+    )
+    use_modelscope: bool = Field(False, description="Resolve hub ids on ModelScope instead of Hugging Face.")
+    model_revision: str = Field("main", description="Branch, tag or commit of a hub model.")
+    cache_dir: str | None = Field(None, description="Where hub downloads are cached (the hub's default if unset).")
+    hf_hub_token: str | None = Field(None, description="Token for private Hugging Face models.")
+    ms_hub_token: str | None = Field(None, description="Token for private ModelScope models.")
+    trust_remote_code: bool = Field(False, description="Allow model code shipped with a hub model to run.")
+    template: str = Field(
+        "auto", description="Chat template: 'auto' (the tokenizer's own) or a named one (chatml, qwen, llama3, ...)."
+    )
+    default_system: str | None = Field(
+        None, description="System prompt used when a conversation has none (overrides the template's default)."
+    )
+    quantization_bit: Literal[4, 8] | None = Field(None, description="Load the base weights in 4 or 8 bits (bitsandbytes).")
+    quantization_method: Literal["bnb", "bitsandbytes"] = Field("bnb", description="Quantization backend for loading.")
+    quantization_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quantization: bool = Field(True, description="Quantize the 4-bit quantization constants too.")
+    flash_attn: Literal["auto", "disabled", "sdpa", "fa2", "eager"] = Field(
+        "auto", description="Attention kernel: auto picks sdpa (fa2 when flash-attn is installed on CUDA)."
+    )
+
+    _split_adapters = field_validator("adapter_name_or_path", mode="before")(split_names)
+
+
+class DataSection(Section):
+    """Which datasets, how they are rendered, masked, truncated and packed."""
+
+    dataset: list[str] = Field(
+        default_factory=list, description="Dataset names from dataset_info.json or file paths, comma-separated."
+    )
+    eval_dataset: list[str] | None = Field(None, description="Datasets used only for evaluation loss.")
+    dataset_dir: str = Field(
+        "data", description="Folder holding dataset_info.json; ftkit's shipped datasets are used when it has none."
+    )
+    cutoff_len: int = Field(2048, ge=8, description="Maximum tokens per example after encoding.")
+    max_samples: int | None = Field(None, ge=1, description="Keep at most this many examples per dataset.")
+    val_size: float = Field(
+        0.0, ge=0, description="Hold out this fraction (< 1) or this many examples (>= 1) for eval loss."
+    )
+    train_on_prompt: bool = Field(False, description="Also train on system and user tokens.")
+    mask_history: bool = Field(False, description="Train only on the last assistant turn of each conversation.")
+    packing: bool | None = Field(
+        None, description="Pack examples into rows of cutoff_len without cross-example attention "
+        "(default: on for stage pt, off for sft)."
+    )
+    neat_packing: bool = Field(
+        False, description="LLaMA-Factory's packing without cross-attention; ftkit's packing always is; implies packing."
+    )
+    mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = Field(
+        "concat", description="How several datasets are combined."
+    )
+    interleave_probs: list[float] | None = Field(None, description="Sampling weights for interleave strategies.")
+    overwrite_cache: bool = Field(False, description="Re-tokenise even when a matching cached copy exists.")
+    preprocessing_num_workers: int | None = Field(None, ge=1, description="Worker processes for tokenisation.")
+    identity_name: str = Field("Ftkit", description="Fills {{name}} in identity-style datasets.")
+    identity_author: str = Field("the ftkit team", description="Fills {{author}} in identity-style datasets.")
+
+    _split_datasets = field_validator("dataset", "eval_dataset", mode="before")(split_names)
+
+    @field_validator("interleave_probs", mode="before")
+    @classmethod
+    def _split_probs(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [float(p) for p in split_names(value)]
+        return value
+
+    def problems(self) -> list[Problem]:
+        found: list[Problem] = []
+        if self.interleave_probs is not None:
+            if self.mix_strategy == "concat":
+                found.append(("interleave_probs", "interleave_probs only applies with mix_strategy interleave_under "
+                              "or interleave_over; remove it or change mix_strategy."))
+            elif len(self.interleave_probs) != len(self.dataset):
+                found.append(("interleave_probs", f"interleave_probs has {len(self.interleave_probs)} weights but "
+                              f"dataset names {len(self.dataset)} datasets; give one weight per dataset."))
+        if self.val_size >= 1 and self.val_size != int(self.val_size):
+            found.append(("val_size", f"val_size {self.val_size} must be a fraction below 1 or a whole number of "
+                          "examples."))
+        return found
+
+
+LoraTarget = list[str]
+
+
+class MethodSection(Section):
+    """What is trained: the stage and the fine-tuning method."""
+
+    stage: Literal["sft", "pt"] = Field("sft", description="sft: supervised on conversations; pt: raw-text pre-training.")
+    finetuning_type: Literal["lora", "qlora", "full", "freeze"] = Field(
+        "lora", description="lora | qlora (= lora with quantization_bit 4 by default) | full | freeze."
+    )
+    lora_rank: int = Field(8, ge=1, le=1024, description="LoRA rank r.")
+    lora_alpha: int | None = Field(None, ge=1, description="LoRA alpha (default: 2 x lora_rank).")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    lora_target: LoraTarget = Field(
+        default_factory=lambda: ["all"], description="'all' (every linear layer but the output head) or module names."
+    )
+    additional_target: list[str] | None = Field(
+        None, description="Modules trained fully and saved with the adapter (peft modules_to_save)."
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    freeze_trainable_layers: int = Field(
+        2, description="freeze: train the last N layers (a negative N trains the first |N| layers)."
+    )
+    freeze_trainable_modules: list[str] = Field(
+        default_factory=lambda: ["all"], description="freeze: which modules inside those layers train ('all' or names)."
+    )
+    freeze_extra_modules: list[str] | None = Field(
+        None, description="freeze: extra top-level modules to train too (e.g. embed_tokens)."
+    )
+    disable_gradient_checkpointing: bool = Field(
+        False, description="Turn gradient checkpointing off (on by default to save activation memory)."
+    )
+
+    _split_lists = field_validator(
+        "lora_target", "additional_target", "freeze_trainable_modules", "freeze_extra_modules", mode="before"
+    )(split_names)
+
+    @property
+    def resolved_lora_alpha(self) -> int:
+        return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank
+
+    def problems(self) -> list[Problem]:
+        found: list[Problem] = []
+        if self.freeze_trainable_layers == 0:
+            found.append(("freeze_trainable_layers", "freeze_trainable_layers must not be 0: give the number of last "
+                          "layers to train (or a negative number for the first layers)."))
+        return found
+
+
+class TrainingSection(Section):
+    """How the optimisation runs, where it writes, and how it reports (HF TrainingArguments names)."""
+
+    output_dir: str = Field(..., description="Where checkpoints, the adapter or model, logs and plots are written.")
+    overwrite_output_dir: bool = Field(False, description="Allow training into a directory that holds a finished run.")
+    per_device_train_batch_size: int = Field(4, ge=1)
+    per_device_eval_batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-4, gt=0, le=1.0)
+    num_train_epochs: float = Field(3.0, gt=0)
+    max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps (-1: use num_train_epochs).")
+    lr_scheduler_type: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+        "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay",
+    ] = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    optim: str = Field("adamw_torch", description="Any optimizer name transformers accepts (adamw_torch, adamw_8bit, ...).")
+    logging_steps: int = Field(10, ge=1)
+    save_strategy: Literal["steps", "epoch", "no"] = "steps"
+    save_steps: int = Field(500, ge=1)
+    save_total_limit: int | None = Field(None, ge=1)
+    eval_strategy: Literal["no", "steps", "epoch"] | None = Field(
+        None, description="When to compute eval loss (default: every eval_steps when an eval set exists)."
+    )
+    eval_steps: int | None = Field(None, ge=1)
+    bf16: bool | Literal["auto"] = Field(
+        "auto", description="bf16 mixed precision; auto = on where the device runs bf16 fast (CUDA Ampere+, AVX512-BF16/AMX CPUs)."
+    )
+    fp16: bool = Field(False, description="fp16 mixed precision (CUDA only).")
+    seed: int = 42
+    data_seed: int | None = None
+    resume_from_checkpoint: str | bool | None = Field(
+        None, description="A checkpoint directory, or false to start over; by default the last complete checkpoint "
+        "in output_dir is resumed."
+    )
+    deepspeed: str | None = Field(None, description="DeepSpeed config file (multi-device training).")
+    report_to: list[Literal["none", "tensorboard", "wandb"]] = Field(
+        default_factory=lambda: ["none"], description="none | tensorboard | wandb (comma-separated for several)."
+    )
+    run_name: str | None = None
+    logging_dir: str | None = None
+    plot_loss: bool = Field(True, description="Write training_loss.png after training.")
+    dataloader_num_workers: int = Field(0, ge=0)
+    group_by_length: bool = Field(
+        True, description="Batch examples of similar length together (less padding) when packing is off."
+    )
+    padding_free: bool = Field(
+        True, description="Concatenate each batch into one row with per-example position ids (no padding at all) "
+        "when packing is off."
+    )
+    ddp_timeout: int = Field(1800, ge=1, description="Seconds before a multi-process collective times out.")
+    do_train: bool = Field(True, description="Accepted for LLaMA-Factory configs; `ftkit train` always trains.")
+    extra_training_args: dict[str, Any] = Field(
+        default_factory=dict, description="Other transformers.TrainingArguments keys, passed through unchanged."
+    )
+
+    _split_report = field_validator("report_to", mode="before")(split_names)
+
+    def problems(self) -> list[Problem]:
+        found: list[Problem] = []
+        if self.bf16 is True and self.fp16:
+            found.append(("fp16", "bf16 and fp16 are both on; choose one mixed-precision mode."))
+        if "none" in self.report_to and len(self.report_to) > 1:
+            found.append(("report_to", "report_to lists 'none' together with a logger; keep one or the other."))
+        if not self.do_train:
+            found.append(("do_train", "do_train: false has nothing to do in `ftkit train`; remove the key."))
+        return found

@@ -1,0 +1,244 @@
+"""From a config to token ids: resolve, read, normalise, encode (cached), mix, split and pack.
+
+``prepare_dataset`` is the one entry point train and ``ftkit data preview`` share (evaluate will
+reuse it for custom datasets). The tokenised form of each dataset is cached under
+``$FTKIT_HOME/datasets`` keyed on everything that changes the ids: the tokenizer's vocabulary and
+special tokens, the chat template, the stage, cutoff_len, the masking options, the placeholders, the
+registry entry and the bytes of the data files. A cache reused across tokenizers would silently train
+on wrong ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ftkit.data.encoding import EncodedExample, encode_pretrain_text, encode_supervised_example
+from ftkit.data.formats import ConversionReport, Conversation, conversation_text, records_to_conversations
+from ftkit.data.packing import pack_examples
+from ftkit.data.readers import content_digest, read_records
+from ftkit.data.registry import DatasetSpec, detect_format, resolve_dataset
+from ftkit.errors import FtkitError
+from ftkit.paths import ftkit_home
+
+CACHE_VERSION = 1  # bump when encoding changes in a way the key does not capture
+
+
+@dataclass
+class DatasetStats:
+    """What happened to one dataset on its way to token ids."""
+
+    name: str
+    conversion: ConversionReport
+    encoded: int = 0
+    truncated: int = 0
+    dropped_no_trained_tokens: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    from_cache: bool = False
+    detected_format: str | None = None
+
+    def summary(self) -> str:
+        parts = [self.conversion.summary()]
+        if self.truncated:
+            parts.append(f"{self.truncated} truncated to cutoff_len")
+        if self.dropped_no_trained_tokens:
+            parts.append(f"{self.dropped_no_trained_tokens} dropped with no trained token left")
+        parts.append(f"{self.tokens:,} tokens, {self.trained_tokens:,} trained")
+        return ", ".join(parts) + (" [cached]" if self.from_cache else "")
+
+
+@dataclass
+class PreparedData:
+    """Training (and optional evaluation) examples ready for a collator."""
+
+    train: list[dict[str, list[int]]]
+    eval: list[dict[str, list[int]]]
+    stats: list[DatasetStats] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    packed: bool = False
+
+    @property
+    def train_tokens(self) -> int:
+        return sum(len(row["input_ids"]) for row in self.train)
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A digest of everything in a tokenizer that decides ids: vocabulary, merges, special tokens, template."""
+    digest = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    digest.update(backend.to_str().encode() if backend is not None else repr(sorted(tokenizer.get_vocab().items())).encode())
+    digest.update(json.dumps(
+        [tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, tokenizer.chat_template,
+         tokenizer.all_special_tokens, type(tokenizer).__name__], default=str).encode())
+    return digest.hexdigest()
+
+
+def _cache_key(spec: DatasetSpec, config: Any, tokenizer_digest: str, replacements: dict[str, str]) -> str:
+    payload = {
+        "version": CACHE_VERSION, "tokenizer": tokenizer_digest, "stage": config.stage,
+        "cutoff_len": config.cutoff_len, "train_on_prompt": config.train_on_prompt,
+        "mask_history": config.mask_history, "default_system": config.default_system,
+        "replacements": replacements, "spec": spec.fingerprint(), "data": content_digest(spec),
+        "max_samples": config.max_samples,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _save_cache(path: Path, examples: list[EncodedExample], stats: DatasetStats) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lengths = np.array([len(e.input_ids) for e in examples], dtype=np.int64)
+    ids = np.fromiter((t for e in examples for t in e.input_ids), dtype=np.int64, count=int(lengths.sum()))
+    labels = np.fromiter((t for e in examples for t in e.labels), dtype=np.int64, count=int(lengths.sum()))
+    meta = {k: v for k, v in stats.__dict__.items() if k not in ("conversion", "from_cache")}
+    meta["conversion"] = {"total": stats.conversion.total, "kept": stats.conversion.kept,
+                          "skipped": dict(stats.conversion.skipped)}
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, ids=ids, labels=labels, lengths=lengths, meta=np.array(json.dumps(meta)))
+    tmp.replace(path)
+
+
+def _load_cache(path: Path, name: str) -> tuple[list[EncodedExample], DatasetStats] | None:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as data:
+            ids, labels, lengths = data["ids"].tolist(), data["labels"].tolist(), data["lengths"]
+            meta = json.loads(str(data["meta"]))
+    except (OSError, ValueError, KeyError):
+        return None  # a damaged cache file is rebuilt, never trusted
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+    examples = [EncodedExample(input_ids=ids[a:b], labels=labels[a:b]) for a, b in zip(offsets, offsets[1:])]
+    conversion = meta.pop("conversion")
+    report = ConversionReport(dataset=name, total=conversion["total"], kept=conversion["kept"],
+                              skipped=Counter(conversion["skipped"]))
+    meta["name"] = name
+    return examples, DatasetStats(conversion=report, from_cache=True, **meta)
+
+
+def _with_default_system(conversation: Conversation, system: str | None) -> Conversation:
+    if system and conversation[0]["role"] != "system":
+        return [{"role": "system", "content": system}, *conversation]
+    return conversation
+
+
+def encode_dataset(name: str, config: Any, tokenizer: Any, *, use_cache: bool = True
+                   ) -> tuple[list[EncodedExample], DatasetStats]:
+    """Read, normalise and encode one dataset (registry name or path), through the cache."""
+    spec = resolve_dataset(name, config.dataset_dir)
+    replacements = {"{{name}}": config.identity_name, "{{author}}": config.identity_author}
+    cache_file = ftkit_home() / "datasets" / f"{_cache_key(spec, config, tokenizer_fingerprint(tokenizer), replacements)}.npz"
+    if use_cache and not config.overwrite_cache:
+        cached = _load_cache(cache_file, name)
+        if cached is not None:
+            return cached
+    records = read_records(spec, config.max_samples)
+    if spec.given_as_path and records:
+        detect_format(spec, records[0])
+    pretraining = config.stage == "pt"
+    conversations, report = records_to_conversations(
+        records, spec, replacements=replacements, require_response=not pretraining
+    )
+    stats = DatasetStats(name=name, conversion=report, detected_format=spec.detected)
+    examples: list[EncodedExample] = []
+    for conversation in conversations:
+        if pretraining:
+            pieces = encode_pretrain_text(tokenizer, conversation_text(conversation), cutoff_len=config.cutoff_len)
+        else:
+            encoded = encode_supervised_example(
+                tokenizer, _with_default_system(conversation, config.default_system), cutoff_len=config.cutoff_len,
+                train_on_prompt=config.train_on_prompt, mask_history=config.mask_history,
+            )
+            if encoded is None:
+                stats.dropped_no_trained_tokens += 1
+                continue
+            stats.truncated += int(getattr(encoded, "truncated", False))
+            pieces = [encoded]
+        examples.extend(pieces)
+    stats.encoded = len(examples)
+    stats.tokens = sum(len(e.input_ids) for e in examples)
+    stats.trained_tokens = sum(sum(1 for t in e.labels if t != -100) for e in examples)
+    if use_cache:
+        _save_cache(cache_file, examples, stats)
+    return examples, stats
+
+
+def _mix(per_dataset: list[list[EncodedExample]], strategy: str, probs: list[float] | None, seed: int
+         ) -> list[EncodedExample]:
+    if strategy == "concat" or len(per_dataset) == 1:
+        return [e for examples in per_dataset for e in examples]
+    rng = random.Random(seed)
+    weights = probs or [1.0] * len(per_dataset)
+    queues = [list(examples) for examples in per_dataset]
+    for queue in queues:
+        rng.shuffle(queue)
+    positions = [0] * len(queues)
+    mixed: list[EncodedExample] = []
+    # interleave_under stops when the first dataset runs out; interleave_over cycles until all have been seen.
+    while True:
+        index = rng.choices(range(len(queues)), weights=weights)[0]
+        if positions[index] >= len(queues[index]):
+            if strategy == "interleave_under" or all(p >= len(q) for p, q in zip(positions, queues)):
+                return mixed
+            positions[index] = 0
+            rng.shuffle(queues[index])
+        mixed.append(queues[index][positions[index]])
+        positions[index] += 1
+        if strategy == "interleave_over" and all(p >= len(q) for p, q in zip(positions, queues)):
+            return mixed
+
+
+def _split_validation(examples: list[EncodedExample], val_size: float, seed: int
+                      ) -> tuple[list[EncodedExample], list[EncodedExample]]:
+    if not val_size:
+        return examples, []
+    count = int(val_size) if val_size >= 1 else max(1, round(len(examples) * val_size))
+    if count >= len(examples):
+        raise FtkitError(f"val_size {val_size} would leave no training example out of {len(examples)}; lower it.")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held_out = set(order[:count])
+    return ([e for i, e in enumerate(examples) if i not in held_out],
+            [e for i, e in enumerate(examples) if i in held_out])
+
+
+def _rows(examples: list[EncodedExample], *, pack: bool, cutoff_len: int, seed: int) -> list[dict[str, list[int]]]:
+    if pack:
+        return [{"input_ids": r.input_ids, "labels": r.labels, "position_ids": r.position_ids}
+                for r in pack_examples(examples, cutoff_len, seed)]
+    return [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+
+
+def prepare_dataset(config: Any, tokenizer: Any, *, use_cache: bool = True) -> PreparedData:
+    """Everything the trainer needs from the data section of a TrainConfig."""
+    per_dataset: list[list[EncodedExample]] = []
+    stats: list[DatasetStats] = []
+    notes: list[str] = []
+    for name in config.dataset:
+        examples, dataset_stats = encode_dataset(name, config, tokenizer, use_cache=use_cache)
+        if dataset_stats.detected_format:
+            notes.append(f"dataset {name}: detected {dataset_stats.detected_format} format")
+        per_dataset.append(examples)
+        stats.append(dataset_stats)
+    train = _mix(per_dataset, config.mix_strategy, config.interleave_probs, config.seed)
+    if not train:
+        raise FtkitError(f"dataset {', '.join(config.dataset)} leaves no usable example after encoding with "
+                         f"cutoff_len {config.cutoff_len}; raise cutoff_len or check the data.")
+    train, held_out = _split_validation(train, config.val_size, config.seed)
+    for name in config.eval_dataset or []:
+        examples, dataset_stats = encode_dataset(name, config, tokenizer, use_cache=use_cache)
+        held_out.extend(examples)
+        stats.append(dataset_stats)
+    pack = config.uses_packing
+    return PreparedData(
+        train=_rows(train, pack=pack, cutoff_len=config.cutoff_len, seed=config.seed),
+        eval=_rows(held_out, pack=False, cutoff_len=config.cutoff_len, seed=config.seed),
+        stats=stats, notes=notes, packed=pack,
+    )
