@@ -1,0 +1,72 @@
+"""``ftkit chat``: try a model (with LoRA adapters) in the terminal, one-shot or interactive.
+
+With ``--adapter``, the tokenizer and chat template saved next to the adapter by ``ftkit train`` are
+used, so the model is prompted exactly as it was trained.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+console = Console(stderr=True, highlight=False)
+
+
+def load_chat_model(model: str, adapters: list[str], template: str = "auto"):
+    """Load model, tokenizer (the adapter's own if it has one) and adapters for inference."""
+    from ftkit.data.templates import apply_chat_template_to_tokenizer
+    from ftkit.models import load_adapters, load_model, load_tokenizer, resolve_model_source
+    from ftkit.models.precision import default_device, inference_dtype
+
+    source = resolve_model_source(model)
+    tokenizer_source = source
+    if adapters and (Path(adapters[-1]) / "tokenizer_config.json").is_file():
+        tokenizer_source = resolve_model_source(adapters[-1], allow_adapter=True)
+    tokenizer = load_tokenizer(tokenizer_source)
+    apply_chat_template_to_tokenizer(tokenizer, template)
+    device = default_device()
+    loaded = load_model(source, dtype=inference_dtype(device), device=device)
+    if adapters:
+        loaded = load_adapters(loaded, adapters, trainable=False)
+    loaded.eval()
+    return loaded, tokenizer
+
+
+def run_chat(*, model: str, adapters: list[str], prompt: str | None, system: str | None, template: str,
+             max_new_tokens: int, temperature: float) -> None:
+    """One answer to ``prompt`` on stdout, or an interactive session when no prompt is given."""
+    from transformers import TextStreamer
+
+    from ftkit.models.generate import generate_replies
+
+    loaded, tokenizer = load_chat_model(model, adapters, template)
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    if prompt is not None:
+        reply = generate_replies(loaded, tokenizer, [[*history, {"role": "user", "content": prompt}]],
+                                 max_new_tokens=max_new_tokens, temperature=temperature)[0]
+        print(reply.text)
+        return
+    console.print("[bold]ftkit chat[/] — type a message; /clear forgets the conversation, /exit (or Ctrl-D) quits.")
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    while True:
+        try:
+            user = input("\nyou> ").strip()
+        except EOFError:
+            print()
+            return
+        if not user:
+            continue
+        if user in ("/exit", "/quit"):
+            return
+        if user == "/clear":
+            history = history[:1] if system else []
+            console.print("[dim](conversation cleared)[/]")
+            continue
+        history.append({"role": "user", "content": user})
+        sys.stdout.write("assistant> ")
+        sys.stdout.flush()
+        reply = generate_replies(loaded, tokenizer, [history], max_new_tokens=max_new_tokens,
+                                 temperature=temperature, streamer=streamer)[0]
+        history.append({"role": "assistant", "content": reply.text})

@@ -1,0 +1,108 @@
+"""``ftkit data list`` and ``ftkit data preview``: see what the model will be trained on.
+
+The preview renders encoded examples with trained tokens highlighted (green) and masked ones dimmed,
+then prints per-dataset counts (kept, skipped by reason, truncated, dropped), token statistics and
+the padding waste of plain, length-grouped and packed batching.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from ftkit.data.registry import load_registry, spec_from_entry
+
+console = Console(highlight=False)
+
+
+def print_registry(dataset_dir: str) -> None:
+    """A table of the datasets registered in ``dataset_dir``'s dataset_info.json."""
+    registry_file, entries = load_registry(dataset_dir)
+    table = Table(title=f"datasets in {registry_file}", title_justify="left")
+    for column in ("name", "source", "format", "location", "available"):
+        table.add_column(column)
+    for name in sorted(entries):
+        spec = spec_from_entry(name, entries[name], registry_file)
+        available = Path(spec.location).exists() if spec.source == "file" else "needs hub or cache"
+        shown = str(Path(spec.location).name) if spec.source == "file" else spec.location
+        table.add_row(name, spec.source, spec.formatting + (" (ranking)" if spec.ranking else ""), shown,
+                      "yes" if available is True else ("MISSING" if available is False else available))
+    console.print(table)
+
+
+def highlighted(tokenizer: Any, input_ids: list[int], labels: list[int]) -> Text:
+    """The decoded example, trained spans in green and masked spans dimmed."""
+    text = Text()
+    start = 0
+    while start < len(input_ids):
+        trained = labels[start] != -100
+        end = start
+        while end < len(input_ids) and (labels[end] != -100) == trained:
+            end += 1
+        piece = tokenizer.decode(input_ids[start:end], skip_special_tokens=False)
+        text.append(piece, style="bold green" if trained else "dim")
+        start = end
+    return text
+
+
+def preview_dataset(config: Any, *, num_examples: int = 3) -> None:
+    """Encode the config's datasets (through the cache) and show examples and statistics."""
+    from ftkit.data.dataset import encode_dataset
+    from ftkit.data.packing import padding_stats
+    from ftkit.data.templates import apply_chat_template_to_tokenizer
+    from ftkit.models import load_tokenizer, resolve_model_source
+
+    source = resolve_model_source(config.model_name_or_path, use_modelscope=config.use_modelscope,
+                                  revision=config.model_revision, cache_dir=config.cache_dir)
+    tokenizer = load_tokenizer(source, trust_remote_code=config.trust_remote_code)
+    template = apply_chat_template_to_tokenizer(tokenizer, config.template)
+    console.print(f"[bold]model[/] {source.display}   [bold]template[/] {template.name} ({template.source})   "
+                  f"[bold]stage[/] {config.stage}   [bold]cutoff_len[/] {config.cutoff_len}")
+    if template.note:
+        console.print(f"[dim]note: {template.note}[/]")
+    console.print("[dim]legend:[/] [dim]masked (label -100)[/]  [bold green]trained[/]\n")
+
+    stats_table = Table(title="datasets", title_justify="left")
+    for column in ("dataset", "examples", "skipped", "truncated", "dropped", "tokens", "trained", "length min/mean/max"):
+        stats_table.add_column(column, justify="right" if column not in ("dataset", "skipped") else "left")
+    all_lengths: list[int] = []
+    for name in [*config.dataset, *(config.eval_dataset or [])]:
+        examples, stats = encode_dataset(name, config, tokenizer)
+        if stats.detected_format:
+            console.print(f"[dim]dataset {name}: detected {stats.detected_format} format[/]")
+        for index, example in enumerate(examples[:num_examples]):
+            trained = sum(1 for t in example.labels if t != -100)
+            console.rule(f"{name} #{index}: {len(example.input_ids)} tokens, {trained} trained")
+            console.print(highlighted(tokenizer, example.input_ids, example.labels))
+        lengths = [len(e.input_ids) for e in examples]
+        all_lengths.extend(lengths)
+        skipped = ", ".join(f"{n} {reason}" for reason, n in stats.conversion.skipped.most_common()) or "-"
+        stats_table.add_row(
+            name, f"{stats.encoded:,}/{stats.conversion.total:,}", skipped, str(stats.truncated),
+            str(stats.dropped_no_trained_tokens), f"{stats.tokens:,}", f"{stats.trained_tokens:,}",
+            f"{min(lengths)}/{sum(lengths) / len(lengths):.0f}/{max(lengths)}" if lengths else "-",
+        )
+    console.print()
+    console.print(stats_table)
+    if all_lengths:
+        waste = padding_stats(all_lengths, config.per_device_train_batch_size, packing=config.uses_packing,
+                              cutoff_len=config.cutoff_len)
+        _print_padding(waste, config)
+
+
+def _print_padding(waste: dict[str, Any], config: Any) -> None:
+    table = Table(title=f"padding waste (batch size {config.per_device_train_batch_size})", title_justify="left")
+    table.add_column("batching")
+    table.add_column("padding tokens", justify="right")
+    for key, value in waste.items():
+        if isinstance(value, float):
+            table.add_row(key.replace("_", " "), f"{value:.1%}")
+    console.print(table)
+    mode = ("packing" if config.uses_packing else
+            "padding-free batches" if config.padding_free else
+            "length-grouped batches" if config.group_by_length else "plain padded batches")
+    console.print(f"[dim]this config trains with {mode}[/]")

@@ -1,0 +1,113 @@
+"""What is in an output directory: complete checkpoints, a finished run, what to resume from.
+
+The HF Trainer writes checkpoints in place and ``get_last_checkpoint`` trusts the highest-numbered
+folder, so a run killed mid-save resumes from a broken checkpoint. ftkit's trainer writes each
+checkpoint into a staging folder and renames it into place (``FtkitTrainer._save_checkpoint``), and
+this module additionally checks a checkpoint holds everything exact resume needs before using it.
+These checks need no heavy imports: they run before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from ftkit.errors import FtkitError
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+STAGING_DIR = ".ftkit-staging"
+RESULTS_FILE = "train_results.json"
+# Exact resume needs the optimizer, the scheduler and every RNG state, not just the weights.
+RESUME_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth")
+_WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json",
+                 "adapter_model.bin", "pytorch_model.bin")
+# Files a finished ftkit run leaves in output_dir (removed by overwrite_output_dir, nothing else is).
+RUN_ARTIFACTS = (
+    RESULTS_FILE, "trainer_log.jsonl", "training_loss.png", "ftkit_config.yaml", "adapter_config.json",
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "chat_template.jinja", "README.md", "all_results.json", "runs", *_WEIGHT_FILES,
+)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    step: int
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """A checkpoint folder with weights and every file exact resume needs."""
+    has_weights = any((path / name).is_file() for name in _WEIGHT_FILES) or any(path.glob("model-*.safetensors"))
+    return has_weights and all((path / name).is_file() for name in RESUME_FILES)
+
+
+def list_checkpoints(output_dir: Path) -> list[Checkpoint]:
+    """Complete checkpoints in ``output_dir``, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for child in output_dir.iterdir():
+        match = CHECKPOINT_PATTERN.match(child.name)
+        if match and child.is_dir() and is_complete_checkpoint(child):
+            found.append(Checkpoint(child, int(match.group(1))))
+    return sorted(found, key=lambda c: c.step)
+
+
+def is_finished_run(output_dir: Path) -> bool:
+    return (output_dir / RESULTS_FILE).is_file()
+
+
+def clean_staging(output_dir: Path) -> None:
+    """Remove what a killed save left in the staging folder; it never held a complete checkpoint."""
+    shutil.rmtree(output_dir / STAGING_DIR, ignore_errors=True)
+
+
+def remove_previous_run(output_dir: Path) -> None:
+    """For overwrite_output_dir: delete what an earlier ftkit run wrote, and nothing else."""
+    for child in output_dir.iterdir():
+        if CHECKPOINT_PATTERN.match(child.name) or child.name == STAGING_DIR or child.name in RUN_ARTIFACTS:
+            if child.is_dir():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+
+
+def plan_resume(output_dir: Path, resume_from_checkpoint: str | bool | None, overwrite: bool) -> Checkpoint | None:
+    """Decide where training starts; refuse what cannot work, before anything heavy is loaded.
+
+    ``None`` (default): the last complete checkpoint if there is one. ``True``: the same, but one must
+    exist. ``False``: start over (only with overwrite_output_dir when checkpoints exist). A path: that one.
+    """
+    if is_finished_run(output_dir) and not overwrite:
+        raise FtkitError(f"output_dir {output_dir} already holds a finished run ({RESULTS_FILE}); choose another "
+                         "output_dir, or set overwrite_output_dir: true to replace it.")
+    if overwrite:
+        if output_dir.is_dir():
+            remove_previous_run(output_dir)
+        if resume_from_checkpoint in (None, False):
+            return None
+    checkpoints = list_checkpoints(output_dir)
+    if isinstance(resume_from_checkpoint, str):
+        path = Path(resume_from_checkpoint)
+        if not path.is_dir():
+            raise FtkitError(f"resume_from_checkpoint {path} is not a directory; give a checkpoint-N folder "
+                             f"(found: {', '.join(c.path.name for c in checkpoints) or 'none'}).")
+        if not is_complete_checkpoint(path):
+            missing = [n for n in RESUME_FILES if not (path / n).is_file()]
+            raise FtkitError(f"resume_from_checkpoint {path} is incomplete (missing {', '.join(missing) or 'weights'}); "
+                             "pick an earlier checkpoint.")
+        match = CHECKPOINT_PATTERN.match(path.name)
+        return Checkpoint(path, int(match.group(1)) if match else -1)
+    if resume_from_checkpoint is False:
+        if checkpoints:
+            raise FtkitError(f"output_dir {output_dir} holds checkpoints but resume_from_checkpoint is false; set "
+                             "overwrite_output_dir: true to start over, or drop the key to resume.")
+        return None
+    if not checkpoints:
+        if resume_from_checkpoint is True:
+            raise FtkitError(f"resume_from_checkpoint is true but output_dir {output_dir} holds no complete "
+                             "checkpoint.")
+        return None
+    return checkpoints[-1]

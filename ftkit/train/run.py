@@ -1,0 +1,219 @@
+"""The training recipe, top to bottom: config -> checks -> tokenizer + data -> model -> Trainer -> files.
+
+Everything that can be refused (a finished output_dir, an impossible resume, a missing logger, a
+dataset with no usable example) is refused before the model is loaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+from ftkit.config import LoadedConfig, TrainConfig, dump_resolved_config
+from ftkit.errors import FtkitError
+from ftkit.paths import atomic_write_text
+from ftkit.train.checkpoints import RESULTS_FILE, clean_staging, plan_resume
+
+console = Console(stderr=True, highlight=False)
+CONFIG_FILE = "ftkit_config.yaml"
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    metrics: dict[str, Any]
+
+
+def _say(message: str) -> None:
+    console.print(f"[bold cyan]ftkit[/] {message}")
+
+
+def _check_reporters(config: TrainConfig) -> None:
+    for name in config.report_to:
+        module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(name)
+        if module and importlib.util.find_spec(module) is None:
+            raise FtkitError(f"report_to {name} needs the {module} package; install it (`pip install {module}`) or "
+                             "set report_to: none.")
+
+
+def run_training(loaded: LoadedConfig) -> TrainResult:
+    """Run ``ftkit train`` for a validated config; returns where the results are and the final metrics."""
+    config: TrainConfig = loaded.config
+    output_dir = Path(config.output_dir)
+    checkpoint = plan_resume(output_dir, config.resume_from_checkpoint, config.overwrite_output_dir)
+    _check_reporters(config)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    clean_staging(output_dir)
+    atomic_write_text(output_dir / CONFIG_FILE, dump_resolved_config(config))
+    started = time.perf_counter()
+
+    from ftkit.data.dataset import prepare_dataset
+    from ftkit.data.templates import apply_chat_template_to_tokenizer
+    from ftkit.models import (
+        default_device, load_model, load_tokenizer, prepare_model_for_training, resolve_load_dtype,
+        resolve_mixed_precision, resolve_model_source, trainable_parameter_summary,
+    )
+
+    device = default_device()
+    precision = resolve_mixed_precision(config.bf16, config.fp16, device)
+    source = resolve_model_source(config.model_name_or_path, use_modelscope=config.use_modelscope,
+                                  revision=config.model_revision, cache_dir=config.cache_dir,
+                                  token=config.ms_hub_token if config.use_modelscope else config.hf_hub_token)
+    _say(f"model {escape(source.display)} | {config.stage} {config.finetuning_type} | device {device.type}, "
+         f"mixed precision {precision}")
+    tokenizer = load_tokenizer(source, trust_remote_code=config.trust_remote_code)
+    template = apply_chat_template_to_tokenizer(tokenizer, config.template)
+    if template.note:
+        _say(escape(template.note))
+
+    data = prepare_dataset(config, tokenizer)
+    for note in data.notes:
+        _say(escape(note))
+    for stats in data.stats:
+        _say(f"data {escape(stats.summary())}")
+    layout = "packed rows" if data.packed else "examples"
+    _say(f"{len(data.train):,} training {layout}, {data.train_tokens:,} tokens"
+         + (f"; {len(data.eval):,} eval examples" if data.eval else ""))
+
+    model = load_model(source, dtype=resolve_load_dtype(config, precision, device),
+                       quantization_bits=config.quantization_bits, quantization_type=config.quantization_type,
+                       double_quantization=config.double_quantization, attn_implementation=config.flash_attn,
+                       trust_remote_code=config.trust_remote_code, device=device)
+    model = prepare_model_for_training(model, config, tokenizer=tokenizer)
+    _say(trainable_parameter_summary(model))
+
+    trainer = _build_trainer(config, model, tokenizer, data, precision, output_dir)
+    if checkpoint is not None:
+        from ftkit.train.callbacks import truncate_log
+
+        truncate_log(output_dir, checkpoint.step)
+        _say(f"resuming from {checkpoint.path.name} (step {checkpoint.step}); set resume_from_checkpoint: false "
+             "and overwrite_output_dir: true to start over")
+    elif (output_dir / "trainer_log.jsonl").exists():
+        (output_dir / "trainer_log.jsonl").unlink()
+
+    train_output = trainer.train(resume_from_checkpoint=str(checkpoint.path) if checkpoint else None)
+    metrics = _final_metrics(trainer, train_output, data, checkpoint, started)
+    if data.eval:
+        metrics["eval_loss"] = round(float(trainer.evaluate()["eval_loss"]), 6)
+
+    _save_final_model(trainer, tokenizer, output_dir)
+    if config.plot_loss:
+        from ftkit.train.callbacks import plot_loss
+
+        plot_loss(output_dir)
+    atomic_write_text(output_dir / RESULTS_FILE, json.dumps(metrics, indent=2) + "\n")
+    _print_summary(metrics, output_dir, config)
+    return TrainResult(output_dir=output_dir, metrics=metrics)
+
+
+def _build_trainer(config: TrainConfig, model, tokenizer, data, precision: str, output_dir: Path):
+    from transformers import TrainingArguments
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from ftkit.data.packing import SupervisedCollator
+    from ftkit.train.callbacks import ProgressAndLogCallback
+    from ftkit.train.trainer import FtkitTrainer
+
+    padding_free = config.padding_free and not data.packed
+    has_eval = bool(data.eval)
+    eval_strategy = config.eval_strategy or ("steps" if has_eval else "no")
+    if config.logging_dir:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = config.logging_dir
+    warmup = config.warmup_steps if config.warmup_steps else config.warmup_ratio
+    try:
+        args = TrainingArguments(
+            output_dir=str(output_dir),
+            per_device_train_batch_size=1 if data.packed else config.per_device_train_batch_size,
+            per_device_eval_batch_size=config.per_device_eval_batch_size,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            learning_rate=config.learning_rate, num_train_epochs=config.num_train_epochs, max_steps=config.max_steps,
+            lr_scheduler_type=config.lr_scheduler_type, warmup_steps=warmup, weight_decay=config.weight_decay,
+            max_grad_norm=config.max_grad_norm, optim=config.optim,
+            logging_steps=config.logging_steps, save_strategy=config.save_strategy, save_steps=config.save_steps,
+            save_total_limit=config.save_total_limit, eval_strategy=eval_strategy,
+            eval_steps=config.eval_steps or (config.save_steps if eval_strategy == "steps" else None),
+            bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not _has_accelerator(),
+            seed=config.seed, data_seed=config.data_seed, report_to=[r for r in config.report_to if r != "none"],
+            run_name=config.run_name, dataloader_num_workers=config.dataloader_num_workers, ddp_timeout=config.ddp_timeout,
+            remove_unused_columns=False, disable_tqdm=True, label_names=["labels"], gradient_checkpointing=False,
+            save_only_model=False, **config.extra_training_args,
+        )
+    except (ValueError, TypeError) as err:
+        raise FtkitError(f"transformers.TrainingArguments rejected the config: {str(err).splitlines()[0]}") from None
+    if config.packing and config.per_device_train_batch_size != 1:
+        _say(f"packing: each step takes one packed row of up to {config.cutoff_len} tokens per device "
+             "(per_device_train_batch_size applies to unpacked data)")
+    trainer = FtkitTrainer(
+        model=model, args=args, train_dataset=data.train, eval_dataset=data.eval or None,
+        data_collator=SupervisedCollator(tokenizer, padding_free=padding_free),
+        processing_class=tokenizer, length_grouping=config.group_by_length and not padding_free and not data.packed,
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(ProgressAndLogCallback(output_dir, lambda: trainer.tokens_seen))
+    return trainer
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
+
+
+def _final_metrics(trainer, train_output, data, checkpoint, started: float) -> dict[str, Any]:
+    runtime = float(train_output.metrics.get("train_runtime", 0.0))
+    tokens = trainer.tokens_seen
+    return {
+        "train_loss": round(float(train_output.training_loss), 6),
+        "global_step": int(trainer.state.global_step),
+        "epoch": round(float(trainer.state.epoch or 0), 4),
+        "train_runtime_seconds": round(runtime, 2),
+        "tokens_per_second": round(tokens / runtime, 1) if runtime else None,
+        "tokens_this_process": tokens,
+        "train_examples": len(data.train),
+        "resumed_from_step": checkpoint.step if checkpoint else None,
+        "total_seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def _save_final_model(trainer, tokenizer, output_dir: Path) -> None:
+    """Write the adapter (or full model), tokenizer, chat template and generation config atomically."""
+    staging = output_dir / ".ftkit-final"
+    shutil.rmtree(staging, ignore_errors=True)
+    trainer.save_model(str(staging))
+    tokenizer.save_pretrained(str(staging))
+    generation_config = getattr(trainer.model, "generation_config", None)
+    if generation_config is not None and not (staging / "generation_config.json").exists():
+        generation_config.save_pretrained(str(staging))
+    for item in staging.iterdir():
+        target = output_dir / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _print_summary(metrics: dict[str, Any], output_dir: Path, config: TrainConfig) -> None:
+    parts = [f"loss {metrics['train_loss']:.4f}", f"{metrics['global_step']} steps",
+             f"{metrics['train_runtime_seconds']:.0f} s"]
+    if metrics.get("tokens_per_second"):
+        parts.append(f"{metrics['tokens_per_second']:.0f} tokens/s")
+    if "eval_loss" in metrics:
+        parts.append(f"eval loss {metrics['eval_loss']:.4f}")
+    _say("[green]done[/]: " + ", ".join(parts))
+    what = "adapter" if config.uses_lora else "model"
+    _say(f"{what}, logs and plot in {escape(str(output_dir))}/")
+    if config.uses_lora:
+        _say(f"try it: ftkit chat --model {escape(config.model_name_or_path)} --adapter {escape(str(output_dir))}")
+    else:
+        _say(f"try it: ftkit chat --model {escape(str(output_dir))}")
