@@ -45,7 +45,7 @@ def _load(schema_name: str, config: Path | None, overrides: list[str] | None):
 
     loaded = load_stage_config(STAGE_SCHEMAS[schema_name], config, list(overrides or []))
     for note in loaded.notes:
-        console.print(f"[dim]note: {escape(note)}[/]")
+        console.print(f"[dim]note: {escape(note)}[/]", soft_wrap=True)
     return loaded
 
 
@@ -93,7 +93,8 @@ def validate(
     if stage not in ("train", "merge-lora"):
         raise FtkitError(f"--stage {stage} is not a stage with a config; use train or merge-lora.")
     loaded = _load(stage, config, overrides)
-    console.print(f"[green]{config} is a valid {stage} config.[/] Resolved, with defaults:")
+    console.print(f"[green]{escape(str(config))} is a valid {stage} config.[/] Resolved, with defaults:",
+                  soft_wrap=True)
     print(dump_resolved_config(loaded.config), end="")
 
 
@@ -174,11 +175,23 @@ def data_preview(
     preview_dataset(loaded.config, num_examples=num_examples)
 
 
+def _usage_error_types() -> tuple[type[Exception], ...]:
+    """Command-line usage errors: typer >= 0.16 vendors click (typer._click), older typer uses click itself."""
+    types: list[type[Exception]] = [typer.TyperException] if hasattr(typer, "TyperException") else []
+    try:
+        import click
+
+        types.append(click.ClickException)
+    except ImportError:  # a typer that vendors click does not need it installed
+        pass
+    return tuple(types)
+
+
 def main() -> None:
     """Console entry point: run the app, turn user mistakes into one clear message and exit code 1."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        app(standalone_mode=False)
+        status = app(standalone_mode=False)
     except FtkitError as err:
         console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
         sys.exit(1)
@@ -189,13 +202,15 @@ def main() -> None:
         sys.exit(exit_.exit_code)
     except (typer.Abort, EOFError):
         sys.exit(1)
-    except Exception as err:  # click usage errors arrive here in standalone_mode=False
-        import click
-
-        if isinstance(err, click.ClickException):
+    except _usage_error_types() as err:  # a missing argument, an unknown command or option, no arguments
+        if hasattr(err, "show"):
             err.show()
-            sys.exit(err.exit_code)
-        raise
+        else:
+            console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
+        sys.exit(getattr(err, "exit_code", 2))
+    # In standalone_mode=False, typer returns the code of a typer.Exit raised inside a command.
+    if isinstance(status, int) and not isinstance(status, bool) and status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ did-you-mean. Validation needs only pydantic and PyYAML, so it runs before any h
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,6 +18,7 @@ from pydantic import ValidationError
 
 from ftkit.config.foreign_keys import FOREIGN_KEYS, KEY_ALIASES, TRAINING_ARGUMENT_TYPES
 from ftkit.config.sections import Section
+from ftkit.config.stages import STAGE_SCHEMAS
 from ftkit.errors import FtkitError
 
 ConfigT = TypeVar("ConfigT", bound=Section)
@@ -43,10 +45,12 @@ def read_yaml_mapping(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     if not path.is_file():
         hint = " (it is a directory)" if path.is_dir() else ""
         raise FtkitError(f"Config file {path} does not exist{hint}; pass the path to a YAML stage config.")
+    data = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise FtkitError(f"{path} is not UTF-8 text (byte {err.start}); save the config as UTF-8.") from None
+        line = data[: err.start].count(b"\n") + 1
+        raise FtkitError(f"{path}:{line}: not UTF-8 text (byte {err.start}); save the config as UTF-8.") from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         values = yaml.safe_load(text)
@@ -60,10 +64,14 @@ def read_yaml_mapping(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
         return {}, {}
     if not isinstance(values, dict):
         raise FtkitError(f"{path}: a stage config must be a mapping of keys to values, not a {type(values).__name__}.")
-    lines = {}
+    lines: dict[str, int] = {}
     if isinstance(node, yaml.MappingNode):
         for key_node, _ in node.value:
-            lines[str(key_node.value)] = key_node.start_mark.line + 1
+            key, line = str(key_node.value), key_node.start_mark.line + 1
+            if key in lines:
+                # PyYAML keeps the last value silently; a key set twice is almost always a forgotten edit.
+                raise FtkitError(f"{path}:{line}: {key} is set twice (also on line {lines[key]}); keep one.")
+            lines[key] = line
     return {str(k): v for k, v in values.items()}, lines
 
 
@@ -83,22 +91,36 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 
 def _did_you_mean(key: str, candidates: list[str]) -> str:
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else "; see `ftkit validate --keys` for the valid keys."
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    return "; ftkit, LLaMA-Factory and transformers have no such key (check the spelling)."
 
 
-def _describe_error(error: dict[str, Any]) -> str:
-    message = error["msg"]
-    message = message[0].lower() + message[1:] if message else message
-    if error["type"] == "missing":
-        return "is required"
-    return f"{message} (got {error.get('input')!r})"
+def _describe_errors(errors: list[dict[str, Any]]) -> str:
+    """One sentence for the errors pydantic reports at one place (a union gives one error per member)."""
+    if any(error["type"] == "missing" for error in errors):
+        return "required key, not set; add it to the config or pass it as key=value"
+    messages = []
+    for error in errors:
+        message = error["msg"].removeprefix("Value error, ")
+        messages.append(message[0].lower() + message[1:] if message else message)
+    prefix = "input should be "
+    if len(messages) > 1 and all(m.startswith(prefix) for m in messages):
+        # bool | Literal["auto"] -> "input should be a valid boolean or 'auto'"
+        alternatives = [m.removeprefix(prefix).split(", unable to")[0] for m in messages]
+        messages = [prefix + " or ".join(dict.fromkeys(alternatives))]
+    return f"{'; '.join(dict.fromkeys(messages))} (got {errors[0].get('input')!r})"
 
 
 def _classify_keys(
-    raw: _RawConfig, schema: type[Section], problems: list[str], notes: list[str]
+    raw: _RawConfig, schema: type[Section], problems: list[tuple[str, str]], notes: list[str]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split user keys into schema fields and transformers pass-through; explain or refuse the rest."""
+    """Split user keys into schema fields and transformers pass-through; explain or refuse the rest.
+
+    ``problems`` receives (key, sentence) pairs.
+    """
     fields = set(schema.model_fields)
+    stage = next((name for name, other in STAGE_SCHEMAS.items() if other is schema), schema.__name__)
     known = sorted(fields | set(FOREIGN_KEYS) | set(KEY_ALIASES) | set(TRAINING_ARGUMENT_TYPES))
     values: dict[str, Any] = {}
     passthrough: dict[str, Any] = {}
@@ -108,24 +130,45 @@ def _classify_keys(
             values[key] = value
         elif key in KEY_ALIASES and KEY_ALIASES[key] in fields:
             target = KEY_ALIASES[key]
-            notes.append(f"{where}: {key} is read as ftkit's {target}.")
-            values.setdefault(target, value)
+            if target in raw.values and raw.values[target] != value:
+                problems.append((key, f"{where}: {key} is another name for {target}, which is also set "
+                                 f"({raw.values[target]!r} vs {value!r}); keep one of them."))
+            else:
+                notes.append(f"{where}: {key} is read as ftkit's {target}.")
+                values.setdefault(target, value)
         elif key in FOREIGN_KEYS:
             foreign = FOREIGN_KEYS[key]
             if foreign.refuse_other_values and value != foreign.default:
-                problems.append(f"{where}: {key}: {value!r} is not supported: {foreign.note}")
+                problems.append((key, f"{where}: {key}: {value!r} is not supported: {foreign.note}"))
             else:
                 notes.append(f"{where}: {key}: {foreign.note}")
         elif key in TRAINING_ARGUMENT_TYPES and "output_dir" in fields:
             expected = TRAINING_ARGUMENT_TYPES[key]
+            value = _yaml11_number(value, expected)
             if value is not None and not _matches_type(value, expected):
-                problems.append(f"{where}: {key}: expected {expected}, got {value!r}.")
+                problems.append((key, f"{where}: {key}: expected {expected}, got {value!r}."))
             else:
                 passthrough[key] = value
                 notes.append(f"{where}: {key} is passed to transformers.TrainingArguments as is.")
+        elif other_stages := [name for name, other in STAGE_SCHEMAS.items() if key in other.model_fields]:
+            problems.append((key, f"{where}: {key} is a key of the {' and '.join(other_stages)} config, not of "
+                             f"the {stage} config; remove it."))
+        elif key in TRAINING_ARGUMENT_TYPES:
+            problems.append((key, f"{where}: {key} is a training argument, not a key of the {stage} config; "
+                             "remove it."))
         else:
-            problems.append(f"{where}: {key}: unknown key{_did_you_mean(key, known)}")
+            problems.append((key, f"{where}: {key}: unknown key{_did_you_mean(key, known)}"))
     return values, passthrough
+
+
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _yaml11_number(value: Any, expected: str) -> Any:
+    """PyYAML (YAML 1.1) reads ``1e-4`` as a string; a float-typed pass-through key gets the float back."""
+    if isinstance(value, str) and "float" in expected.split("|") and _YAML11_FLOAT.fullmatch(value.strip()):
+        return float(value)
+    return value
 
 
 def _matches_type(value: Any, expected: str) -> bool:
@@ -144,19 +187,42 @@ def _validate_fields(schema: type[ConfigT], values: dict[str, Any]) -> tuple[Con
     try:
         return schema.model_validate(values), []
     except ValidationError as err:
-        errors = []
+        # Group by key and place (a list item has its index in the loc; a union member has its type name).
+        grouped: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
         for error in err.errors():
-            key = str(error["loc"][0]) if error["loc"] else "config"
-            errors.append((key, _describe_error(error)))
-        return None, errors
+            loc = error["loc"]
+            key = str(loc[0]) if loc else "config"
+            grouped.setdefault((key, *(part for part in loc[1:] if isinstance(part, int))), []).append(error)
+        return None, [(place[0], _describe_errors(errors)) for place, errors in grouped.items()]
+
+
+def _cross_field_problems(
+    schema: type[ConfigT], values: dict[str, Any], bad_keys: set[str]
+) -> list[tuple[str, str]]:
+    """The cross-field rules, checked on the keys that did validate, so one run reports everything.
+
+    A required key that is missing gets a placeholder; rules about a key that is itself wrong are dropped.
+    """
+    usable = {key: value for key, value in values.items() if key not in bad_keys}
+    for name, info in schema.model_fields.items():
+        if info.is_required() and name not in usable:
+            usable[name] = ""  # every required field is a path (output_dir, export_dir)
+    config, _ = _validate_fields(schema, usable)
+    if config is None:
+        return []
+    return [(key, message) for key, message in config.problems() if key not in bad_keys]
 
 
 def load_stage_config(
     schema: type[ConfigT], path: str | Path | None, overrides: list[str] | dict[str, Any] | None = None
 ) -> LoadedConfig:
-    """Load, merge and validate a stage config; raise one FtkitError listing every problem found."""
+    """Load, merge and validate a stage config; raise one FtkitError listing every problem found.
+
+    Problems are listed in the order of the file's lines, then those from the command line.
+    """
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}
+    lines: dict[str, int] = {}
     if path is not None:
         path = Path(path)
         values, lines = read_yaml_mapping(path)
@@ -165,29 +231,31 @@ def load_stage_config(
     for key, value in override_values.items():
         values[key] = value
         origin[key] = "command line"
+        lines.pop(key, None)
     raw = _RawConfig(values, origin)
 
-    problems: list[str] = []
+    keyed: list[tuple[str, str]] = []  # (key, sentence)
     notes: list[str] = []
-    known_values, passthrough = _classify_keys(raw, schema, problems, notes)
+    known_values, passthrough = _classify_keys(raw, schema, keyed, notes)
+    for alias, target in KEY_ALIASES.items():
+        if alias in values and target not in values:  # a problem with the value points at the alias's line
+            origin[target] = origin[alias]
+            if alias in lines:
+                lines[target] = lines[alias]
     if passthrough:
-        known_values["extra_training_args"] = {**known_values.get("extra_training_args", {}), **passthrough}
+        given = known_values.get("extra_training_args")
+        known_values["extra_training_args"] = {**(given if isinstance(given, dict) else {}), **passthrough}
 
-    default_origin = str(path) if path is not None else "command line"
     config, field_errors = _validate_fields(schema, known_values)
-    for key, message in field_errors:
-        problems.append(f"{origin.get(key, default_origin)}: {key}: {message}")
-    if config is None and field_errors:
-        # Check the cross-field rules too, on the keys that did validate, so one run reports everything.
-        bad_keys = {key for key, _ in field_errors}
-        config, _ = _validate_fields(schema, {k: v for k, v in known_values.items() if k not in bad_keys})
-        cross = [(k, m) for k, m in config.problems() if k not in bad_keys] if config is not None else []
-        config = None
+    if field_errors:
+        cross = _cross_field_problems(schema, known_values, {key for key, _ in field_errors})
     else:
         cross = config.problems()
-    for key, message in cross:
-        problems.append(f"{origin.get(key, default_origin)}: {message}")
-    if problems:
+    default_origin = str(path) if path is not None else "command line"
+    keyed += [(key, f"{origin.get(key, default_origin)}: {key}: {message}") for key, message in field_errors]
+    keyed += [(key, f"{origin.get(key, default_origin)}: {message}") for key, message in cross]
+    if keyed:
+        problems = [text for _, text in sorted(keyed, key=lambda item: lines.get(item[0], 1 << 30))]
         source = path if path is not None else "the command line"
         count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
         raise FtkitError(f"{source} has {count}:", problems=problems)

@@ -8,9 +8,10 @@ concerns. Defaults follow LLaMA-Factory unless noted in the field's description.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import types
+from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 Problem = tuple[str, str]
 """A cross-field problem: (the key it concerns, one sentence saying what is wrong and what is right)."""
@@ -23,10 +24,32 @@ def split_names(value: Any) -> Any:
     return value
 
 
+def _is_number(annotation: Any) -> bool:
+    """Whether a field annotation is int or float (optionally ``| None``)."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        members = [a for a in get_args(annotation) if a is not type(None)]
+    else:
+        members = [annotation]
+    return bool(members) and all(member in (int, float) for member in members)
+
+
+def yaml11_no(value: Any) -> Any:
+    """PyYAML (YAML 1.1) reads an unquoted ``no`` as false; ``save_strategy: no`` means the string."""
+    return "no" if value is False else value
+
+
 class Section(BaseModel):
     """Base for every section: unknown keys are handled by the loader, types are strict enough."""
 
     model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=())
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads true as 1 for int and float fields; `lora_rank: true` is a mistake.
+        if isinstance(value, bool) and info.field_name and _is_number(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expected a number, not the boolean {str(value).lower()}")
+        return value
 
     def problems(self) -> list[Problem]:
         """Cross-field rules of this section; empty when the section is consistent."""
@@ -112,6 +135,9 @@ class DataSection(Section):
     def problems(self) -> list[Problem]:
         found: list[Problem] = []
         if self.interleave_probs is not None:
+            if any(p < 0 for p in self.interleave_probs) or not sum(self.interleave_probs) > 0:
+                found.append(("interleave_probs", f"interleave_probs {self.interleave_probs} must be weights of at "
+                              "least 0 with a positive sum."))
             if self.mix_strategy == "concat":
                 found.append(("interleave_probs", "interleave_probs only applies with mix_strategy interleave_under "
                               "or interleave_over; remove it or change mix_strategy."))
@@ -121,6 +147,9 @@ class DataSection(Section):
         if self.val_size >= 1 and self.val_size != int(self.val_size):
             found.append(("val_size", f"val_size {self.val_size} must be a fraction below 1 or a whole number of "
                           "examples."))
+        if self.mask_history and self.train_on_prompt:
+            found.append(("mask_history", "mask_history and train_on_prompt cannot both be on: mask_history trains "
+                          "only the last reply, train_on_prompt every token; choose one."))
         return found
 
 
@@ -234,6 +263,7 @@ class TrainingSection(Section):
     )
 
     _split_report = field_validator("report_to", mode="before")(split_names)
+    _strategy_no = field_validator("save_strategy", "eval_strategy", mode="before")(yaml11_no)
 
     def problems(self) -> list[Problem]:
         found: list[Problem] = []

@@ -21,8 +21,12 @@ def _section_problems(config: Section, sections: tuple[type[Section], ...]) -> l
     return found
 
 
-class TrainConfig(ModelSection, DataSection, MethodSection, TrainingSection):
-    """``ftkit train``: model + data + method + training sections."""
+class TrainConfig(TrainingSection, MethodSection, DataSection, ModelSection):
+    """``ftkit train``: model + data + method + training sections.
+
+    The bases are listed in reverse so that the fields (and the resolved config ``ftkit validate`` prints)
+    read model, data, method, training: pydantic orders fields from the last base to the first.
+    """
 
     _sections = (ModelSection, DataSection, MethodSection, TrainingSection)
 
@@ -58,6 +62,9 @@ class TrainConfig(ModelSection, DataSection, MethodSection, TrainingSection):
         if self.stage == "pt" and (self.train_on_prompt or self.mask_history):
             key = "train_on_prompt" if self.train_on_prompt else "mask_history"
             found.append((key, f"{key} only applies to stage sft; pre-training trains on every token."))
+        if self.eval_strategy in ("steps", "epoch") and not self.val_size and not self.eval_dataset:
+            found.append(("eval_strategy", f"eval_strategy {self.eval_strategy} needs an evaluation set: set "
+                          "val_size (e.g. 0.1) or eval_dataset, or remove eval_strategy."))
         if self.adapter_name_or_path and not self.uses_lora:
             found.append(("adapter_name_or_path", "adapter_name_or_path continues LoRA training and needs "
                           f"finetuning_type lora, not {self.finetuning_type}; merge the adapter first "

@@ -10,23 +10,28 @@ on wrong ids.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import random
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from ftkit.data.encoding import EncodedExample, encode_pretrain_text, encode_supervised_example
-from ftkit.data.formats import ConversionReport, Conversation, conversation_text, records_to_conversations
+from ftkit.data.formats import Conversation, ConversionReport, conversation_text, records_to_conversations
 from ftkit.data.packing import pack_examples
 from ftkit.data.readers import content_digest, read_records
 from ftkit.data.registry import DatasetSpec, detect_format, resolve_dataset
 from ftkit.errors import FtkitError
 from ftkit.paths import ftkit_home
+
+T = TypeVar("T")
 
 CACHE_VERSION = 1  # bump when encoding changes in a way the key does not capture
 
@@ -100,27 +105,41 @@ def _save_cache(path: Path, examples: list[EncodedExample], stats: DatasetStats)
     meta = {k: v for k, v in stats.__dict__.items() if k not in ("conversion", "from_cache")}
     meta["conversion"] = {"total": stats.conversion.total, "kept": stats.conversion.kept,
                           "skipped": dict(stats.conversion.skipped)}
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, ids=ids, labels=labels, lengths=lengths, meta=np.array(json.dumps(meta)))
-    tmp.replace(path)
+    # A unique temporary name: two runs preparing the same dataset must not write into one file.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, ids=ids, labels=labels, lengths=lengths, meta=np.array(json.dumps(meta)))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def _load_cache(path: Path, name: str) -> tuple[list[EncodedExample], DatasetStats] | None:
+    """The cached examples and stats, or None when there is no cache file or it is damaged in any way."""
     if not path.is_file():
         return None
     try:
         with np.load(path) as data:
-            ids, labels, lengths = data["ids"].tolist(), data["labels"].tolist(), data["lengths"]
+            ids, labels, lengths = data["ids"].tolist(), data["labels"].tolist(), data["lengths"].tolist()
             meta = json.loads(str(data["meta"]))
-    except (OSError, ValueError, KeyError):
-        return None  # a damaged cache file is rebuilt, never trusted
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).tolist()
-    examples = [EncodedExample(input_ids=ids[a:b], labels=labels[a:b]) for a, b in zip(offsets, offsets[1:])]
-    conversion = meta.pop("conversion")
-    report = ConversionReport(dataset=name, total=conversion["total"], kept=conversion["kept"],
-                              skipped=Counter(conversion["skipped"]))
-    meta["name"] = name
-    return examples, DatasetStats(conversion=report, from_cache=True, **meta)
+        if len(ids) != sum(lengths) or len(labels) != len(ids) or min(lengths, default=1) < 1:
+            return None
+        conversion = meta.pop("conversion")
+        report = ConversionReport(dataset=name, total=conversion["total"], kept=conversion["kept"],
+                                  skipped=Counter(conversion["skipped"]))
+        meta["name"] = name
+        stats = DatasetStats(conversion=report, from_cache=True, **meta)
+    except Exception:  # a truncated zip, a bad CRC, missing keys, old metadata: rebuild, never trust it
+        return None
+    if stats.encoded != len(lengths):
+        return None
+    ends = np.cumsum(lengths, dtype=np.int64).tolist()
+    starts = [0, *ends[:-1]]
+    examples = [EncodedExample(input_ids=ids[a:b], labels=labels[a:b]) for a, b in zip(starts, ends, strict=True)]
+    return examples, stats
 
 
 def _with_default_system(conversation: Conversation, system: str | None) -> Conversation:
@@ -129,23 +148,37 @@ def _with_default_system(conversation: Conversation, system: str | None) -> Conv
     return conversation
 
 
+def identity_replacements(config: Any) -> dict[str, str]:
+    """The placeholders identity-style datasets contain and what the config fills them with."""
+    return {"{{name}}": config.identity_name, "{{author}}": config.identity_author}
+
+
+def read_conversations(spec: DatasetSpec, config: Any) -> tuple[list[Conversation], ConversionReport]:
+    """The front half of a dataset: read its records, detect the format of a path, normalise to conversations.
+
+    Uses ``max_samples``, ``stage`` (pre-training accepts records with no response) and the identity
+    placeholders from ``config``. For a dataset given as a path, ``spec.detected`` says what was detected.
+    """
+    records = read_records(spec, config.max_samples)
+    if spec.given_as_path and records:
+        detect_format(spec, records[0])
+    return records_to_conversations(
+        records, spec, replacements=identity_replacements(config), require_response=config.stage != "pt"
+    )
+
+
 def encode_dataset(name: str, config: Any, tokenizer: Any, *, use_cache: bool = True
                    ) -> tuple[list[EncodedExample], DatasetStats]:
     """Read, normalise and encode one dataset (registry name or path), through the cache."""
     spec = resolve_dataset(name, config.dataset_dir)
-    replacements = {"{{name}}": config.identity_name, "{{author}}": config.identity_author}
+    replacements = identity_replacements(config)
     cache_file = ftkit_home() / "datasets" / f"{_cache_key(spec, config, tokenizer_fingerprint(tokenizer), replacements)}.npz"
     if use_cache and not config.overwrite_cache:
         cached = _load_cache(cache_file, name)
         if cached is not None:
             return cached
-    records = read_records(spec, config.max_samples)
-    if spec.given_as_path and records:
-        detect_format(spec, records[0])
     pretraining = config.stage == "pt"
-    conversations, report = records_to_conversations(
-        records, spec, replacements=replacements, require_response=not pretraining
-    )
+    conversations, report = read_conversations(spec, config)
     stats = DatasetStats(name=name, conversion=report, detected_format=spec.detected)
     examples: list[EncodedExample] = []
     for conversation in conversations:
@@ -170,33 +203,44 @@ def encode_dataset(name: str, config: Any, tokenizer: Any, *, use_cache: bool = 
     return examples, stats
 
 
-def _mix(per_dataset: list[list[EncodedExample]], strategy: str, probs: list[float] | None, seed: int
-         ) -> list[EncodedExample]:
+def mix_datasets(per_dataset: list[list[T]], strategy: str, probs: list[float] | None, seed: int) -> list[T]:
+    """Combine datasets like ``datasets.interleave_datasets``; deterministic for a given seed.
+
+    ``concat`` keeps every example in order. The interleave strategies draw a dataset by weight, then its
+    next example (each dataset shuffled, reshuffled when it starts over): ``interleave_under`` stops as
+    soon as a dataset runs out (undersampling, HF's ``first_exhausted``); ``interleave_over`` starts a
+    dataset that ran out over again and stops once every dataset has been seen whole at least once
+    (oversampling, HF's ``all_exhausted``). Datasets with no examples or weight 0 take no part.
+    """
     if strategy == "concat" or len(per_dataset) == 1:
         return [e for examples in per_dataset for e in examples]
-    rng = random.Random(seed)
     weights = probs or [1.0] * len(per_dataset)
-    queues = [list(examples) for examples in per_dataset]
-    for queue in queues:
-        rng.shuffle(queue)
-    positions = [0] * len(queues)
-    mixed: list[EncodedExample] = []
-    # interleave_under stops when the first dataset runs out; interleave_over cycles until all have been seen.
+    members = [i for i, examples in enumerate(per_dataset) if examples and weights[i] > 0]
+    if not members:
+        return []
+    rng = random.Random(seed)
+    queues = {i: rng.sample(per_dataset[i], len(per_dataset[i])) for i in members}
+    positions = dict.fromkeys(members, 0)
+    unfinished = set(members)  # datasets not yet seen whole
+    mixed: list[T] = []
     while True:
-        index = rng.choices(range(len(queues)), weights=weights)[0]
-        if positions[index] >= len(queues[index]):
-            if strategy == "interleave_under" or all(p >= len(q) for p, q in zip(positions, queues)):
+        index = rng.choices(members, weights=[weights[i] for i in members])[0]
+        queue = queues[index]
+        if positions[index] == len(queue):
+            if strategy == "interleave_under":
                 return mixed
+            rng.shuffle(queue)
             positions[index] = 0
-            rng.shuffle(queues[index])
-        mixed.append(queues[index][positions[index]])
+        mixed.append(queue[positions[index]])
         positions[index] += 1
-        if strategy == "interleave_over" and all(p >= len(q) for p, q in zip(positions, queues)):
-            return mixed
+        if positions[index] == len(queue):
+            unfinished.discard(index)
+            if strategy == "interleave_over" and not unfinished:
+                return mixed
 
 
-def _split_validation(examples: list[EncodedExample], val_size: float, seed: int
-                      ) -> tuple[list[EncodedExample], list[EncodedExample]]:
+def split_validation(examples: list[T], val_size: float, seed: int) -> tuple[list[T], list[T]]:
+    """Hold out ``val_size`` (a fraction below 1, or a count) of the examples, chosen by ``seed``; order is kept."""
     if not val_size:
         return examples, []
     count = int(val_size) if val_size >= 1 else max(1, round(len(examples) * val_size))
@@ -227,11 +271,11 @@ def prepare_dataset(config: Any, tokenizer: Any, *, use_cache: bool = True) -> P
             notes.append(f"dataset {name}: detected {dataset_stats.detected_format} format")
         per_dataset.append(examples)
         stats.append(dataset_stats)
-    train = _mix(per_dataset, config.mix_strategy, config.interleave_probs, config.seed)
+    train = mix_datasets(per_dataset, config.mix_strategy, config.interleave_probs, config.seed)
     if not train:
         raise FtkitError(f"dataset {', '.join(config.dataset)} leaves no usable example after encoding with "
                          f"cutoff_len {config.cutoff_len}; raise cutoff_len or check the data.")
-    train, held_out = _split_validation(train, config.val_size, config.seed)
+    train, held_out = split_validation(train, config.val_size, config.seed)
     for name in config.eval_dataset or []:
         examples, dataset_stats = encode_dataset(name, config, tokenizer, use_cache=use_cache)
         held_out.extend(examples)

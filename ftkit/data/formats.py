@@ -54,8 +54,10 @@ def records_to_conversations(
     ``require_response=False`` (pre-training) also accepts records with only a prompt/text column.
     """
     if spec.ranking:
-        raise FtkitError(f"Dataset '{spec.name}' is a preference dataset (ranking: true); supervised and "
-                         "pre-training stages need plain conversations (preference stages arrive later).")
+        stage = "sft" if require_response else "pt"
+        raise FtkitError(f"Dataset '{spec.name}' is a preference dataset (ranking: true, chosen/rejected pairs); "
+                         f"stage {stage} trains on plain conversations and ftkit has no preference stage (DPO, KTO) "
+                         "yet; use a dataset without ranking.")
     _check_columns(records, spec, require_response)
     convert = _alpaca_record if spec.formatting == "alpaca" else _sharegpt_record
     report = ConversionReport(dataset=spec.name, total=len(records))
@@ -96,17 +98,24 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else str(value)
 
 
+def _column_text(record: dict[str, Any], spec: DatasetSpec, role: str) -> str:
+    """The text in the record's column for ``role`` ('' when the role has no column or the cell is empty)."""
+    column = spec.column(role)
+    return _text(record.get(column)) if column else ""
+
+
 def _alpaca_record(record: dict[str, Any], spec: DatasetSpec, require_response: bool) -> Conversation:
     messages: Conversation = []
-    system = _text(record.get(spec.column("system") or "", None)).strip() if spec.column("system") else ""
+    system = _column_text(record, spec, "system").strip()
     if system:
         messages.append({"role": "system", "content": system})
-    for turn in record.get(spec.column("history") or "", None) or []:
+    history = record.get(spec.column("history")) if spec.column("history") else None
+    for turn in history or []:
         if not (isinstance(turn, (list, tuple)) and len(turn) == 2):
             raise _Skip("a malformed history turn")
         messages += [{"role": "user", "content": _text(turn[0])}, {"role": "assistant", "content": _text(turn[1])}]
     prompt = _text(record.get(spec.columns["prompt"]))
-    query = _text(record.get(spec.column("query") or "", None)) if spec.column("query") else ""
+    query = _column_text(record, spec, "query")
     user = "\n".join(part for part in (prompt, query) if part)
     response_column = spec.column("response")
     response = _text(record.get(response_column)) if response_column else ""
@@ -127,7 +136,7 @@ def _sharegpt_record(record: dict[str, Any], spec: DatasetSpec, require_response
     role_of = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["system_tag"]: "system",
                tags["observation_tag"]: "tool", tags["function_tag"]: "tool"}
     messages: Conversation = []
-    system = _text(record.get(spec.column("system") or "", None)).strip() if spec.column("system") else ""
+    system = _column_text(record, spec, "system").strip()
     for index, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise _Skip("a malformed turn")

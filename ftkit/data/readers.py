@@ -1,13 +1,16 @@
 """Read a dataset's raw records: local files (json, jsonl, csv, parquet, txt), the HF hub, ModelScope.
 
 JSON and JSON Lines are parsed here rather than by ``datasets`` so that a bad line is reported with
-its file and line number and non-UTF-8 input with its byte offset; columnar formats and hub datasets
-go through ``datasets`` (and ``modelscope.MsDataset``).
+its file and line number and non-UTF-8 input with its line and byte offset. Local CSV, Parquet and Arrow
+files are read with pandas and pyarrow directly (the libraries ``datasets`` itself uses): ``load_dataset``
+would copy each file into the Hugging Face cache, print progress bars and hide the cause of a parse error.
+Hub datasets go through ``datasets`` (and ``modelscope.MsDataset``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from collections.abc import Iterator
@@ -24,7 +27,7 @@ def dataset_files(spec: DatasetSpec) -> list[Path]:
     """The files behind a local dataset (a file, or every data file of a folder, sorted)."""
     path = Path(spec.location)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_SUFFIXES)
         if not files:
             raise FtkitError(f"Dataset '{spec.name}': folder {path} holds no {', '.join(FILE_SUFFIXES)} files.")
         return files
@@ -85,10 +88,11 @@ def _read_file(path: Path) -> list[Record]:
 
 
 def _read_text(path: Path) -> str:
+    data = path.read_bytes()
     try:
-        return path.read_text(encoding="utf-8")
+        return data.decode("utf-8-sig")  # a byte-order mark (Windows editors) is not part of the data
     except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        line = data[: err.start].count(b"\n") + 1
         raise FtkitError(f"{path}:{line}: not UTF-8 text (byte {err.start}); convert the file to UTF-8.") from None
 
 
@@ -106,16 +110,40 @@ def _read_json_lines(path: Path) -> Iterator[Record]:
 
 
 def _read_columnar(path: Path) -> list[Record]:
-    from datasets import load_dataset
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return _read_csv(path)
+    import pyarrow as pa
 
-    builder = {".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}[path.suffix.lower()]
     try:
-        table = load_dataset(builder, data_files=str(path), split="train")
-    except UnicodeDecodeError as err:
-        raise FtkitError(f"{path}: not UTF-8 text (byte {err.start}); convert the file to UTF-8.") from None
-    except Exception as err:  # datasets wraps parser errors in many types; the message names the cause
-        raise FtkitError(f"{path}: cannot be read as {builder}: {str(err).splitlines()[0]}.") from None
-    return table.to_list()
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+        else:  # .arrow: the IPC stream format `datasets` writes, or the IPC file format
+            try:
+                with pa.memory_map(str(path)) as source:
+                    table = pa.ipc.open_stream(source).read_all()
+            except pa.ArrowInvalid:
+                with pa.memory_map(str(path)) as source:
+                    table = pa.ipc.open_file(source).read_all()
+    except (pa.ArrowException, OSError) as err:
+        raise FtkitError(f"{path}: cannot be read as {suffix[1:]}: {str(err).splitlines()[0]}.") from None
+    return table.to_pylist()
+
+
+def _read_csv(path: Path) -> list[Record]:
+    import pandas as pd
+
+    text = _read_text(path)  # reports a non-UTF-8 byte with its line
+    if not text.strip():
+        return []
+    try:
+        frame = pd.read_csv(io.StringIO(text))
+    except (pd.errors.ParserError, ValueError) as err:
+        raise FtkitError(f"{path}: cannot be read as csv: {str(err).strip().splitlines()[0]}.") from None
+    # Empty cells become None (as `datasets` reads them), not NaN.
+    return frame.astype(object).where(frame.notna(), None).to_dict("records")
 
 
 def _read_hf_hub(spec: DatasetSpec) -> list[Record]:
@@ -135,7 +163,7 @@ def _read_ms_hub(spec: DatasetSpec) -> list[Record]:
     try:
         from modelscope import MsDataset
     except ImportError:
-        raise FtkitError(f"Dataset '{spec.name}' comes from ModelScope; install it with `pip install modelscope`.")
+        raise FtkitError(f"Dataset '{spec.name}' comes from ModelScope; install it with `pip install modelscope`.") from None
     try:
         table = MsDataset.load(spec.location, subset_name=spec.subset, split=spec.split, data_dir=spec.folder)
     except Exception as err:  # modelscope raises many types for offline/unknown ids

@@ -116,10 +116,18 @@ def spec_from_entry(name: str, entry: Any, registry_file: Path) -> DatasetSpec:
     where = f"{registry_file}: dataset '{name}'"
     if not isinstance(entry, dict):
         raise FtkitError(f"{where} must be a JSON object with file_name, hf_hub_url or ms_hub_url.")
-    unknown = set(entry) - _KNOWN_ENTRY_KEYS
+    unknown = sorted(set(entry) - _KNOWN_ENTRY_KEYS)
     if unknown:
-        raise FtkitError(f"{where} has unknown key(s) {', '.join(sorted(unknown))}; valid keys: "
+        close = difflib.get_close_matches(unknown[0], sorted(_KNOWN_ENTRY_KEYS), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise FtkitError(f"{where} has unknown key(s) {', '.join(unknown)}; {hint}valid keys: "
                          f"{', '.join(sorted(_KNOWN_ENTRY_KEYS))}.")
+    for key in ("columns", "tags"):
+        if not isinstance(entry.get(key) or {}, dict) or not all(
+            isinstance(v, str) for v in (entry.get(key) or {}).values()
+        ):
+            raise FtkitError(f"{where}: {key} must be a JSON object mapping names to strings, not "
+                             f"{json.dumps(entry[key])}.")
     if "file_name" in entry:
         source, location = "file", str(registry_file.parent / entry["file_name"])
     elif "hf_hub_url" in entry:
@@ -136,6 +144,13 @@ def spec_from_entry(name: str, entry: Any, registry_file: Path) -> DatasetSpec:
     if bad_columns:
         raise FtkitError(f"{where}: unknown column role(s) {', '.join(sorted(bad_columns))}; valid: "
                          f"{', '.join(sorted(_KNOWN_COLUMNS))}.")
+    num_samples = entry.get("num_samples")
+    if num_samples is not None and (not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1):
+        raise FtkitError(f"{where}: num_samples must be a positive whole number, not {json.dumps(num_samples)}.")
+    bad_tags = set(entry.get("tags") or {}) - set(_SHAREGPT_TAGS)
+    if bad_tags:
+        raise FtkitError(f"{where}: unknown tag(s) {', '.join(sorted(bad_tags))}; valid: "
+                         f"{', '.join(sorted(_SHAREGPT_TAGS))}.")
     spec = DatasetSpec(
         name=name, source=source, location=location, formatting=formatting, ranking=bool(entry.get("ranking")),
         subset=entry.get("subset"), split=entry.get("split", "train"), folder=entry.get("folder"),
@@ -171,6 +186,9 @@ def detect_format(spec: DatasetSpec, first_record: dict[str, Any]) -> DatasetSpe
             spec.detected = "sharegpt (conversations with role/content)"
     elif {"instruction", "output"} <= keys:
         spec.detected = "alpaca (instruction/input/output)"
+        if "history" in keys:
+            spec.columns["history"] = "history"
+            spec.detected = "alpaca (instruction/input/output/history)"
     elif {"prompt", "completion"} <= keys:
         spec.columns, spec.detected = {"prompt": "prompt", "response": "completion"}, "prompt/completion"
     elif {"question", "answer"} <= keys:
