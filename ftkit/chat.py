@@ -7,7 +7,6 @@ used, so the model is prompted exactly as it was trained.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from rich.console import Console
 
@@ -16,20 +15,27 @@ console = Console(stderr=True, highlight=False)
 
 def load_chat_model(model: str, adapters: list[str], template: str = "auto"):
     """Load model, tokenizer (the adapter's own if it has one) and adapters for inference."""
+    from dataclasses import replace
+
     from ftkit.data.templates import apply_chat_template_to_tokenizer
-    from ftkit.models import load_adapters, load_model, load_tokenizer, resolve_model_source
-    from ftkit.models.precision import default_device, inference_dtype
+    from ftkit.models import (
+        default_device, inference_dtype, load_adapters, load_model, load_tokenizer, resolve_adapter_dir,
+        resolve_model_source, sync_special_tokens,
+    )
 
     source = resolve_model_source(model)
+    adapter_dirs = [resolve_adapter_dir(a) for a in adapters]
     tokenizer_source = source
-    if adapters and (Path(adapters[-1]) / "tokenizer_config.json").is_file():
-        tokenizer_source = resolve_model_source(adapters[-1], allow_adapter=True)
+    if adapter_dirs and (adapter_dirs[-1] / "tokenizer_config.json").is_file():
+        # The tokenizer and chat template the adapter was trained with.
+        tokenizer_source = replace(source, path=adapter_dirs[-1], gguf_file=None)
     tokenizer = load_tokenizer(tokenizer_source)
     apply_chat_template_to_tokenizer(tokenizer, template)
     device = default_device()
     loaded = load_model(source, dtype=inference_dtype(device), device=device)
-    if adapters:
-        loaded = load_adapters(loaded, adapters, trainable=False)
+    if adapter_dirs:
+        loaded = load_adapters(loaded, [str(d) for d in adapter_dirs], trainable=False)
+    sync_special_tokens(loaded, tokenizer)
     loaded.eval()
     return loaded, tokenizer
 

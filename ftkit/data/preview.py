@@ -16,7 +16,10 @@ from rich.text import Text
 
 from ftkit.data.registry import load_registry, spec_from_entry
 
-console = Console(highlight=False)
+import sys
+
+# Wide enough for the statistics tables when piped to a file (rich assumes 80 columns there).
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 
 
 def print_registry(dataset_dir: str) -> None:
@@ -54,10 +57,9 @@ def preview_dataset(config: Any, *, num_examples: int = 3) -> None:
     from ftkit.data.dataset import encode_dataset
     from ftkit.data.packing import padding_stats
     from ftkit.data.templates import apply_chat_template_to_tokenizer
-    from ftkit.models import load_tokenizer, resolve_model_source
+    from ftkit.models import load_tokenizer, model_source_from_config
 
-    source = resolve_model_source(config.model_name_or_path, use_modelscope=config.use_modelscope,
-                                  revision=config.model_revision, cache_dir=config.cache_dir)
+    source = model_source_from_config(config)
     tokenizer = load_tokenizer(source, trust_remote_code=config.trust_remote_code)
     template = apply_chat_template_to_tokenizer(tokenizer, config.template)
     console.print(f"[bold]model[/] {source.display}   [bold]template[/] {template.name} ({template.source})   "
@@ -89,7 +91,7 @@ def preview_dataset(config: Any, *, num_examples: int = 3) -> None:
     console.print()
     console.print(stats_table)
     if all_lengths:
-        waste = padding_stats(all_lengths, config.per_device_train_batch_size, packing=config.uses_packing,
+        waste = padding_stats(all_lengths, config.per_device_train_batch_size, packing=True,
                               cutoff_len=config.cutoff_len)
         _print_padding(waste, config)
 

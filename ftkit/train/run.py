@@ -59,18 +59,16 @@ def run_training(loaded: LoadedConfig) -> TrainResult:
     from ftkit.data.dataset import prepare_dataset
     from ftkit.data.templates import apply_chat_template_to_tokenizer
     from ftkit.models import (
-        default_device, load_model, load_tokenizer, prepare_model_for_training, resolve_load_dtype,
-        resolve_mixed_precision, resolve_model_source, trainable_parameter_summary,
+        default_device, load_model, load_tokenizer, model_source_from_config, prepare_model_for_training,
+        resolve_load_dtype, resolve_mixed_precision, trainable_parameter_summary,
     )
 
     device = default_device()
     precision = resolve_mixed_precision(config.bf16, config.fp16, device)
-    source = resolve_model_source(config.model_name_or_path, use_modelscope=config.use_modelscope,
-                                  revision=config.model_revision, cache_dir=config.cache_dir,
-                                  token=config.ms_hub_token if config.use_modelscope else config.hf_hub_token)
+    source = model_source_from_config(config)
     _say(f"model {escape(source.display)} | {config.stage} {config.finetuning_type} | device {device.type}, "
          f"mixed precision {precision}")
-    tokenizer = load_tokenizer(source, trust_remote_code=config.trust_remote_code)
+    tokenizer = load_tokenizer(source, trust_remote_code=config.trust_remote_code, report=lambda m: _say(escape(m)))
     template = apply_chat_template_to_tokenizer(tokenizer, config.template)
     if template.note:
         _say(escape(template.note))
@@ -84,10 +82,11 @@ def run_training(loaded: LoadedConfig) -> TrainResult:
     _say(f"{len(data.train):,} training {layout}, {data.train_tokens:,} tokens"
          + (f"; {len(data.eval):,} eval examples" if data.eval else ""))
 
-    model = load_model(source, dtype=resolve_load_dtype(config, precision, device),
+    model = load_model(source, dtype=resolve_load_dtype(precision, config.finetuning_type),
                        quantization_bits=config.quantization_bits, quantization_type=config.quantization_type,
-                       double_quantization=config.double_quantization, attn_implementation=config.flash_attn,
-                       trust_remote_code=config.trust_remote_code, device=device)
+                       double_quantization=config.double_quantization,
+                       attn_implementation=config.flash_attn, trust_remote_code=config.trust_remote_code,
+                       device=device)
     model = prepare_model_for_training(model, config, tokenizer=tokenizer)
     _say(trainable_parameter_summary(model))
 
