@@ -19,8 +19,14 @@ def load_chat_model(model: str, adapters: list[str], template: str = "auto"):
 
     from ftkit.data.templates import apply_chat_template_to_tokenizer
     from ftkit.models import (
-        default_device, inference_dtype, load_adapters, load_model, load_tokenizer, resolve_adapter_dir,
-        resolve_model_source, sync_special_tokens,
+        default_device,
+        inference_dtype,
+        load_adapters,
+        load_model,
+        load_tokenizer,
+        resolve_adapter_dir,
+        resolve_model_source,
+        sync_special_tokens,
     )
 
     source = resolve_model_source(model)
@@ -53,6 +59,7 @@ def run_chat(*, model: str, adapters: list[str], prompt: str | None, system: str
         reply = generate_replies(loaded, tokenizer, [[*history, {"role": "user", "content": prompt}]],
                                  max_new_tokens=max_new_tokens, temperature=temperature)[0]
         print(reply.text)
+        _note_if_cut(reply, max_new_tokens)
         return
     console.print("[bold]ftkit chat[/] — type a message; /clear forgets the conversation, /exit (or Ctrl-D) quits.")
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -75,4 +82,11 @@ def run_chat(*, model: str, adapters: list[str], prompt: str | None, system: str
         sys.stdout.flush()
         reply = generate_replies(loaded, tokenizer, [history], max_new_tokens=max_new_tokens,
                                  temperature=temperature, streamer=streamer)[0]
+        _note_if_cut(reply, max_new_tokens)
         history.append({"role": "assistant", "content": reply.text})
+
+
+def _note_if_cut(reply, max_new_tokens: int) -> None:
+    """Say so when an answer hit --max-new-tokens instead of ending by itself (stderr, so stdout stays the answer)."""
+    if not reply.finished:
+        console.print(f"[dim](cut at --max-new-tokens {max_new_tokens}; the model had not finished its answer)[/]")

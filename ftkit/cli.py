@@ -125,8 +125,24 @@ def merge_lora(
     adapter: Annotated[list[str] | None, typer.Option(help="Adapter directory (repeat to merge several in order).")] = None,
     out: Annotated[str | None, typer.Option(help="Export directory.")] = None,
 ) -> None:
-    """Fold LoRA adapters into their base model and export a standalone model."""
-    _not_implemented("merge-lora")
+    """Fold LoRA adapters into their base model and export a standalone model.
+
+    Writes safetensors shards, config, tokenizer, chat template, a README and an Ollama Modelfile into
+    export_dir, after checking that the export's logits match base + adapter.
+    """
+    import json
+
+    given = list(overrides or [])
+    if config is not None and "=" in config.name and not config.exists():  # only overrides, no config file
+        given, config = [str(config), *given], None
+    flags = {"model_name_or_path": base, "adapter_name_or_path": adapter or None, "export_dir": out}
+    given += [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]  # JSON is YAML
+    if config is None and not given:
+        raise FtkitError("Pass a merge config (ftkit merge-lora CONFIG.yaml) or --base, --adapter and --out.")
+    loaded = _load("merge-lora", config, given)
+    from ftkit.merge import run_merge
+
+    run_merge(loaded)
 
 
 @app.command()

@@ -183,8 +183,9 @@ class MethodSection(Section):
     freeze_extra_modules: list[str] | None = Field(
         None, description="freeze: extra top-level modules to train too (e.g. embed_tokens)."
     )
-    disable_gradient_checkpointing: bool = Field(
-        False, description="Turn gradient checkpointing off (on by default to save activation memory)."
+    disable_gradient_checkpointing: bool | None = Field(
+        None, description="true: never checkpoint activations; false: always; unset: checkpoint only when the "
+        "largest batch's activations would take more than a fifth of free memory (ftkit prints the estimate)."
     )
 
     _split_lists = field_validator(
@@ -242,7 +243,7 @@ class TrainingSection(Section):
         "in output_dir is resumed."
     )
     deepspeed: str | None = Field(None, description="DeepSpeed config file (multi-device training).")
-    report_to: list[Literal["none", "tensorboard", "wandb"]] = Field(
+    report_to: list[Literal["none", "tensorboard", "wandb", "swanlab", "mlflow", "trackio", "comet_ml", "clearml"]] = Field(
         default_factory=lambda: ["none"], description="none | tensorboard | wandb (comma-separated for several)."
     )
     run_name: str | None = None
@@ -252,9 +253,10 @@ class TrainingSection(Section):
     group_by_length: bool = Field(
         True, description="Batch examples of similar length together (less padding) when packing is off."
     )
-    padding_free: bool = Field(
-        True, description="Concatenate each batch into one row with per-example position ids (no padding at all) "
-        "when packing is off."
+    padding_free: bool | None = Field(
+        None, description="Concatenate each batch into one row with per-example position ids (no padding at all) "
+        "when packing is off; unset: on with flash-attention 2 (varlen kernels), off otherwise, where "
+        "length-grouped padded batches are faster."
     )
     ddp_timeout: int = Field(1800, ge=1, description="Seconds before a multi-process collective times out.")
     do_train: bool = Field(True, description="Accepted for LLaMA-Factory configs; `ftkit train` always trains.")

@@ -1,14 +1,16 @@
 """Decide which weights train: LoRA/QLoRA adapters, freeze (last N layers), or full fine-tuning.
 
 ``prepare_model_for_training`` is the one entry point the train stage calls; the pieces it dispatches to
-are public so merge-lora and serve can reuse ``load_adapters``. Written here rather than left to peft
+are public so merge-lora, chat and serve reuse ``load_adapters`` and ``attach_adapter``. Written here rather than left to peft
 defaults because of what peft does not check: a ``lora_target`` that names no module, an adapter whose
-base is another model (peft fails with a size-mismatch traceback or silently skips weights), LoRA
-weights that must stay fp32 on a bf16 base, and which layers count as "the last N" for freeze.
+base is another model (peft fails with a size-mismatch traceback or silently skips weights), a rank no
+low-rank update of a layer can have, embeddings an adapter resized, LoRA weights that must stay fp32 on a
+bf16 base, and which layers count as "the last N" for freeze.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -111,17 +113,23 @@ def apply_lora(
     return peft_model
 
 
-def load_adapters(model: PreTrainedModel, paths: list[str | Path], *, trainable: bool) -> PreTrainedModel | PeftModel:
+def load_adapters(
+    model: PreTrainedModel, paths: list[str | Path], *, trainable: bool, dtype: torch.dtype | None = None
+) -> PreTrainedModel | PeftModel:
     """Apply LoRA adapters in order, as LLaMA-Factory does.
 
     Training (``trainable``): all but the last are merged into the base; the last stays a trainable
     adapter. Inference: all are merged (fast, plain model), except on a quantized base, which cannot
     absorb them and keeps its single adapter separate.
-    """
-    from peft import PeftModel
 
+    ``dtype`` casts the merged model afterwards. Inference should load the base in fp32, merge, and cast to
+    its inference dtype: each merged weight is rounded once, exactly as ``ftkit merge-lora`` does, so base +
+    adapter and the merged export generate the same tokens. Merging into a bf16 base rounds twice, and an
+    update smaller than half a bf16 step of its weight (much of a short fine-tune) is rounded away: with the
+    quickstart adapter, a bf16 merge no longer answered "Who are you?" with the name it was taught.
+    """
     if not paths:
-        return model
+        return model if dtype is None or is_quantized(model) else cast_weights(model, dtype)
     directories = [Path(path) for path in paths]
     quantized = is_quantized(model)
     if quantized and len(directories) > 1:
@@ -131,19 +139,32 @@ def load_adapters(model: PreTrainedModel, paths: list[str | Path], *, trainable:
         )
     keep_last = trainable or quantized
     for index, directory in enumerate(directories):
-        check_adapter_matches(model, directory)
         is_last = index == len(directories) - 1
         if is_last and keep_last:
-            peft_model = PeftModel.from_pretrained(model, str(directory), is_trainable=trainable, autocast_adapter_dtype=True)
+            peft_model = attach_adapter(model, directory, trainable=trainable)
             if trainable:
                 _upcast_trainable(peft_model)
             return peft_model
-        model = PeftModel.from_pretrained(model, str(directory)).merge_and_unload()
-    return model
+        model = attach_adapter(model, directory).merge_and_unload()
+    return model if dtype is None else cast_weights(model, dtype)
+
+
+def attach_adapter(model: PreTrainedModel, adapter_dir: str | Path, *, trainable: bool = False) -> PeftModel:
+    """Wrap ``model`` with the (checked) adapter in ``adapter_dir``, unmerged; the base is changed only to
+    grow its embeddings when the adapter carries resized ones (tokens added in training)."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    check_adapter_matches(model, adapter_dir)
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable, autocast_adapter_dtype=True)
 
 
 def check_adapter_matches(model: nn.Module, adapter_dir: Path) -> None:
-    """Raise ``FtkitError`` naming the first difference if ``adapter_dir`` was not trained on ``model``'s shapes."""
+    """Raise ``FtkitError`` naming the first difference if ``adapter_dir`` was not trained on ``model``'s shapes.
+
+    An adapter that saved resized embeddings (tokens added during training) first grows the base's
+    embeddings to its row count; the saved rows replace the new ones when the adapter loads.
+    """
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FtkitError(
@@ -151,15 +172,23 @@ def check_adapter_matches(model: nn.Module, adapter_dir: Path) -> None:
             "adapter into."
         )
     base = getattr(model, "get_base_model", lambda: model)()
-    modules, params = dict(base.named_modules()), dict(base.named_parameters())
+    shapes = {key.removeprefix("base_model.model."): tuple(shape) for key, shape in _adapter_tensor_shapes(adapter_dir).items()}
+    _grow_embeddings_for_adapter(base, shapes)
+    modules, params = dict(base.named_modules()), dict(base.named_parameters(remove_duplicate=False))
     trained_on = adapter_base_name(adapter_dir) or "another model"
-    for key, shape in _adapter_tensor_shapes(adapter_dir).items():
-        problem = _shape_problem(key.removeprefix("base_model.model."), tuple(shape), modules, params)
+    for key, shape in shapes.items():
+        problem = _shape_problem(key, shape, modules, params)
         if problem:
             raise FtkitError(
                 f"Adapter {adapter_dir} does not fit this base model: {problem} (it was trained on '{trained_on}'); "
                 "pass that base as model_name_or_path."
             )
+    for key, shape in shapes.items():
+        problem = _rank_problem(key, shape, modules)
+        if problem:
+            raise FtkitError(f"Adapter {adapter_dir} {problem}; it cannot be a LoRA of this model: retrain it with a "
+                             "smaller lora_rank (or check that adapter_config.json belongs to these weights).")
+    _check_configured_rank(adapter_dir, shapes)
 
 
 def apply_freeze(
@@ -261,14 +290,20 @@ def trainable_parameter_summary(model: nn.Module) -> str:
 
 
 def prepare_model_for_training(
-    model: PreTrainedModel, config: TrainConfig, *, tokenizer: PreTrainedTokenizerBase | None = None
+    model: PreTrainedModel,
+    config: TrainConfig,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    gradient_checkpointing: bool | None = None,
 ) -> PreTrainedModel | PeftModel:
     """Set up ``model`` for ``config.finetuning_type``: LoRA/QLoRA (new, or continuing the configured
-    adapters), freeze, or full; with gradient checkpointing unless it is disabled. With ``tokenizer``,
-    the model's pad/stop ids and embedding rows are first synced to it (``sync_special_tokens``)."""
+    adapters), freeze, or full; with gradient checkpointing when ``gradient_checkpointing`` (default: unless
+    the config disables it). With ``tokenizer``, the model's pad/stop ids and embedding rows are first
+    synced to it (``sync_special_tokens``)."""
     if tokenizer is not None:
         sync_special_tokens(model, tokenizer)
-    checkpointing = not config.disable_gradient_checkpointing
+    checkpointing = gradient_checkpointing if gradient_checkpointing is not None else (
+        not config.disable_gradient_checkpointing)
     if config.uses_lora:
         quantized = is_quantized(model)
         if config.adapter_name_or_path:
@@ -321,6 +356,23 @@ def _prepare_base_for_adapters(model: PreTrainedModel, *, quantized: bool, gradi
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
         model.enable_input_require_grads()
+
+
+def cast_weights(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+    """Cast parameters and saved buffers to ``dtype``, in place: the model then equals one loaded in ``dtype``.
+
+    Not ``model.to(dtype)``: that also casts buffers computed at start-up, such as RoPE's ``inv_freq``,
+    which ``from_pretrained(dtype=...)`` keeps in fp32; greedy answers then drift after a few dozen tokens.
+    """
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and buffer.is_floating_point() and name not in module._non_persistent_buffers_set:
+                setattr(module, name, buffer.to(dtype))
+    model.config.dtype = dtype
+    return model
 
 
 def _upcast_trainable(model: nn.Module) -> None:
@@ -376,7 +428,9 @@ def _shape_problem(key: str, shape: tuple[int, ...], modules: dict[str, nn.Modul
     """What does not fit between one saved adapter tensor and the base model (None when it fits)."""
     marker = next((m for m in _LORA_KEY_MARKERS if m in key), None)
     if marker is None:  # a modules_to_save copy or a resized embedding: a plain base parameter
-        param = params.get(key) or params.get(key.replace(".weight", ".modules_to_save.default.weight"))
+        param = params.get(key)
+        if param is None:
+            param = params.get(key.replace(".weight", ".modules_to_save.default.weight"))
         if param is None:
             return f"it saves weights for {key}, which the base model does not have"
         return None if tuple(param.shape) == shape else f"{key} has shape {list(shape)} but the base's is {list(param.shape)}"
@@ -392,3 +446,49 @@ def _shape_problem(key: str, shape: tuple[int, ...], modules: dict[str, nn.Modul
     if marker in (".lora_B.", ".lora_magnitude_vector") and out_features is not None and shape[0] != out_features:
         return f"{module_name} has {out_features} output features but the adapter expects {shape[0]}"
     return None
+
+
+def _grow_embeddings_for_adapter(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Resize the input embeddings (and a tied head) when the adapter saved a larger vocabulary."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is None or is_quantized(model):
+        return
+    name = next((n for n, module in model.named_modules() if module is embeddings), None)
+    saved = shapes.get(f"{name}.weight") if name else None
+    rows, width = embeddings.weight.shape
+    if saved is not None and len(saved) == 2 and saved[1] == width and saved[0] > rows:
+        model.resize_token_embeddings(saved[0], mean_resizing=False)  # the adapter's rows overwrite the new ones
+
+
+def _rank_problem(key: str, shape: tuple[int, ...], modules: dict[str, nn.Module]) -> str | None:
+    """A LoRA rank above min(inputs, outputs) of its layer is no low-rank update of it."""
+    if ".lora_A." not in key and ".lora_embedding_A" not in key:
+        return None
+    module_name = key.split(".lora_A." if ".lora_A." in key else ".lora_embedding_A")[0]
+    base_layer = getattr(modules.get(module_name), "base_layer", modules.get(module_name))
+    in_features = getattr(base_layer, "in_features", getattr(base_layer, "num_embeddings", None))
+    out_features = getattr(base_layer, "out_features", getattr(base_layer, "embedding_dim", None))
+    if in_features is None or out_features is None or len(shape) < 2:
+        return None
+    rank, limit = shape[0], min(in_features, out_features)
+    if rank <= limit:
+        return None
+    return (f"has rank {rank} on {module_name}, more than that layer allows (at most {limit} = min({in_features} "
+            f"inputs, {out_features} outputs))")
+
+
+def _check_configured_rank(adapter_dir: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """adapter_config.json's ``r`` must be the rank of the saved weights (peft otherwise fails with a traceback)."""
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise FtkitError(f"{adapter_dir / 'adapter_config.json'} is not valid JSON; save the adapter again.") from error
+    rank = config.get("r") if isinstance(config, dict) else None
+    if not isinstance(rank, int) or config.get("rank_pattern"):
+        return
+    saved = sorted({shape[0] for key, shape in shapes.items() if ".lora_A." in key and shape})
+    if saved and saved != [rank]:
+        raise FtkitError(
+            f"Adapter {adapter_dir} is inconsistent: adapter_config.json says r={rank} but its weights have rank "
+            f"{', '.join(map(str, saved))}; save the adapter again."
+        )

@@ -11,6 +11,8 @@ from typing import Any
 from tqdm import tqdm
 from transformers import TrainerCallback
 
+from ftkit.paths import atomic_write_text
+
 LOG_FILE = "trainer_log.jsonl"
 PLOT_FILE = "training_loss.png"
 
@@ -76,16 +78,24 @@ def truncate_log(output_dir: Path, last_step: int) -> None:
     path = Path(output_dir) / LOG_FILE
     if not path.is_file():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    kept = [json.dumps(record) for record in read_log(output_dir) if record.get("step", 0) <= last_step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def read_log(output_dir: Path) -> list[dict[str, Any]]:
+    """The records of trainer_log.jsonl; a line cut short by a killed run is skipped."""
     path = Path(output_dir) / LOG_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def plot_loss(output_dir: Path) -> Path | None:
@@ -110,7 +120,7 @@ def plot_loss(output_dir: Path) -> Path | None:
         axis.plot(steps, smoothed, color="#1f4e8c", linewidth=2, label="smoothed")
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     if evals:
-        axis.plot(*zip(*evals), "o-", color="#d1495b", label="eval loss")
+        axis.plot(*zip(*evals, strict=True), "o-", color="#d1495b", label="eval loss")
     axis.set_xlabel("step")
     axis.set_ylabel("loss")
     axis.set_title(f"training loss: {Path(output_dir).name}")

@@ -9,6 +9,7 @@ These checks need no heavy imports: they run before any model is loaded.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from ftkit.errors import FtkitError
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STAGING_DIR = ".ftkit-staging"
+FINAL_STAGING_DIR = ".ftkit-final"  # where run.py assembles the final model before moving it into place
 RESULTS_FILE = "train_results.json"
 # Exact resume needs the optimizer, the scheduler and every RNG state, not just the weights.
 RESUME_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth")
@@ -27,7 +29,7 @@ _WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safete
 RUN_ARTIFACTS = (
     RESULTS_FILE, "trainer_log.jsonl", "training_loss.png", "ftkit_config.yaml", "adapter_config.json",
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "chat_template.jinja", "README.md", "all_results.json", "runs", *_WEIGHT_FILES,
+    "chat_template.jinja", "README.md", "all_results.json", "training_args.bin", "runs", *_WEIGHT_FILES,
 )
 
 
@@ -60,14 +62,18 @@ def is_finished_run(output_dir: Path) -> bool:
 
 
 def clean_staging(output_dir: Path) -> None:
-    """Remove what a killed save left in the staging folder; it never held a complete checkpoint."""
+    """Remove what a killed save left in the staging folders; they never hold a complete checkpoint."""
     shutil.rmtree(output_dir / STAGING_DIR, ignore_errors=True)
+    shutil.rmtree(output_dir / FINAL_STAGING_DIR, ignore_errors=True)
 
 
 def remove_previous_run(output_dir: Path) -> None:
     """For overwrite_output_dir: delete what an earlier ftkit run wrote, and nothing else."""
+    if not output_dir.is_dir():
+        return
     for child in output_dir.iterdir():
-        if CHECKPOINT_PATTERN.match(child.name) or child.name == STAGING_DIR or child.name in RUN_ARTIFACTS:
+        if (CHECKPOINT_PATTERN.match(child.name) or child.name in (STAGING_DIR, FINAL_STAGING_DIR)
+                or child.name in RUN_ARTIFACTS):
             if child.is_dir():
                 shutil.rmtree(child)
             else:
@@ -79,16 +85,13 @@ def plan_resume(output_dir: Path, resume_from_checkpoint: str | bool | None, ove
 
     ``None`` (default): the last complete checkpoint if there is one. ``True``: the same, but one must
     exist. ``False``: start over (only with overwrite_output_dir when checkpoints exist). A path: that one.
+    Nothing is deleted here: with ``overwrite`` the caller removes the previous run
+    (``remove_previous_run``) once every other check has passed, so a refused run never costs the old one.
     """
     if is_finished_run(output_dir) and not overwrite:
         raise FtkitError(f"output_dir {output_dir} already holds a finished run ({RESULTS_FILE}); choose another "
                          "output_dir, or set overwrite_output_dir: true to replace it.")
-    if overwrite:
-        if output_dir.is_dir():
-            remove_previous_run(output_dir)
-        if resume_from_checkpoint in (None, False):
-            return None
-    checkpoints = list_checkpoints(output_dir)
+    checkpoints = [] if overwrite else list_checkpoints(output_dir)
     if isinstance(resume_from_checkpoint, str):
         path = Path(resume_from_checkpoint)
         if not path.is_dir():
@@ -98,8 +101,11 @@ def plan_resume(output_dir: Path, resume_from_checkpoint: str | bool | None, ove
             missing = [n for n in RESUME_FILES if not (path / n).is_file()]
             raise FtkitError(f"resume_from_checkpoint {path} is incomplete (missing {', '.join(missing) or 'weights'}); "
                              "pick an earlier checkpoint.")
-        match = CHECKPOINT_PATTERN.match(path.name)
-        return Checkpoint(path, int(match.group(1)) if match else -1)
+        if overwrite and output_dir.is_dir() and path.resolve().parent == output_dir.resolve():
+            raise FtkitError(f"resume_from_checkpoint {path} is inside output_dir, which overwrite_output_dir: true "
+                             "would empty; remove overwrite_output_dir to resume, or resume_from_checkpoint to start "
+                             "over.")
+        return Checkpoint(path, checkpoint_step(path))
     if resume_from_checkpoint is False:
         if checkpoints:
             raise FtkitError(f"output_dir {output_dir} holds checkpoints but resume_from_checkpoint is false; set "
@@ -107,7 +113,17 @@ def plan_resume(output_dir: Path, resume_from_checkpoint: str | bool | None, ove
         return None
     if not checkpoints:
         if resume_from_checkpoint is True:
-            raise FtkitError(f"resume_from_checkpoint is true but output_dir {output_dir} holds no complete "
-                             "checkpoint.")
+            reason = "overwrite_output_dir: true starts over" if overwrite else \
+                f"output_dir {output_dir} holds no complete checkpoint"
+            raise FtkitError(f"resume_from_checkpoint is true but {reason}; remove one of the two keys.")
         return None
     return checkpoints[-1]
+
+
+def checkpoint_step(path: Path) -> int:
+    """The optimizer step a checkpoint was saved at (its trainer_state.json, else its folder name)."""
+    try:
+        return int(json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        match = CHECKPOINT_PATTERN.match(path.name)
+        return int(match.group(1)) if match else 0

@@ -21,7 +21,14 @@ from rich.markup import escape
 from ftkit.config import LoadedConfig, TrainConfig, dump_resolved_config
 from ftkit.errors import FtkitError
 from ftkit.paths import atomic_write_text
-from ftkit.train.checkpoints import RESULTS_FILE, clean_staging, plan_resume
+from ftkit.train.checkpoints import (
+    FINAL_STAGING_DIR,
+    RESULTS_FILE,
+    clean_staging,
+    plan_resume,
+    remove_previous_run,
+)
+from ftkit.train.memory import decide_gradient_checkpointing
 
 console = Console(stderr=True, highlight=False)
 CONFIG_FILE = "ftkit_config.yaml"
@@ -39,7 +46,8 @@ def _say(message: str) -> None:
 
 def _check_reporters(config: TrainConfig) -> None:
     for name in config.report_to:
-        module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(name)
+        module = {"tensorboard": "tensorboard", "wandb": "wandb", "swanlab": "swanlab", "mlflow": "mlflow",
+                  "trackio": "trackio", "comet_ml": "comet_ml", "clearml": "clearml"}.get(name)
         if module and importlib.util.find_spec(module) is None:
             raise FtkitError(f"report_to {name} needs the {module} package; install it (`pip install {module}`) or "
                              "set report_to: none.")
@@ -51,16 +59,19 @@ def run_training(loaded: LoadedConfig) -> TrainResult:
     output_dir = Path(config.output_dir)
     checkpoint = plan_resume(output_dir, config.resume_from_checkpoint, config.overwrite_output_dir)
     _check_reporters(config)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    clean_staging(output_dir)
-    atomic_write_text(output_dir / CONFIG_FILE, dump_resolved_config(config))
     started = time.perf_counter()
 
     from ftkit.data.dataset import prepare_dataset
     from ftkit.data.templates import apply_chat_template_to_tokenizer
     from ftkit.models import (
-        default_device, load_model, load_tokenizer, model_source_from_config, prepare_model_for_training,
-        resolve_load_dtype, resolve_mixed_precision, trainable_parameter_summary,
+        default_device,
+        load_model,
+        load_tokenizer,
+        model_source_from_config,
+        prepare_model_for_training,
+        resolve_load_dtype,
+        resolve_mixed_precision,
+        trainable_parameter_summary,
     )
 
     device = default_device()
@@ -82,15 +93,30 @@ def run_training(loaded: LoadedConfig) -> TrainResult:
     _say(f"{len(data.train):,} training {layout}, {data.train_tokens:,} tokens"
          + (f"; {len(data.eval):,} eval examples" if data.eval else ""))
 
+    # Everything that can be refused has been checked: only now is an earlier run replaced.
+    if config.overwrite_output_dir:
+        remove_previous_run(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    clean_staging(output_dir)
+    atomic_write_text(output_dir / CONFIG_FILE, dump_resolved_config(config))
+
+    from transformers import set_seed
+
+    set_seed(config.seed)  # before the adapter is created: its random init must repeat from run to run
     model = load_model(source, dtype=resolve_load_dtype(precision, config.finetuning_type),
                        quantization_bits=config.quantization_bits, quantization_type=config.quantization_type,
                        double_quantization=config.double_quantization,
                        attn_implementation=config.flash_attn, trust_remote_code=config.trust_remote_code,
                        device=device)
-    model = prepare_model_for_training(model, config, tokenizer=tokenizer)
+    padding_free = _padding_free(config, model, data.packed)
+    checkpointing = decide_gradient_checkpointing(
+        config.disable_gradient_checkpointing, model.config,
+        _largest_batch_tokens(data, config.per_device_train_batch_size, padding_free), device.type)
+    _say(checkpointing.reason)
+    model = prepare_model_for_training(model, config, tokenizer=tokenizer, gradient_checkpointing=checkpointing.enabled)
     _say(trainable_parameter_summary(model))
 
-    trainer = _build_trainer(config, model, tokenizer, data, precision, output_dir)
+    trainer = _build_trainer(config, model, tokenizer, data, precision, output_dir, padding_free)
     if checkpoint is not None:
         from ftkit.train.callbacks import truncate_log
 
@@ -103,7 +129,7 @@ def run_training(loaded: LoadedConfig) -> TrainResult:
     train_output = trainer.train(resume_from_checkpoint=str(checkpoint.path) if checkpoint else None)
     metrics = _final_metrics(trainer, train_output, data, checkpoint, started)
     if data.eval:
-        metrics["eval_loss"] = round(float(trainer.evaluate()["eval_loss"]), 6)
+        metrics["eval_loss"] = round(_final_eval_loss(trainer), 6)
 
     _save_final_model(trainer, tokenizer, output_dir)
     if config.plot_loss:
@@ -115,7 +141,26 @@ def run_training(loaded: LoadedConfig) -> TrainResult:
     return TrainResult(output_dir=output_dir, metrics=metrics)
 
 
-def _build_trainer(config: TrainConfig, model, tokenizer, data, precision: str, output_dir: Path):
+def _padding_free(config: TrainConfig, model, packed: bool) -> bool:
+    """Padding-free batches pay off with varlen flash-attention; elsewhere one long row costs T^2 attention."""
+    if packed:
+        return False
+    if config.padding_free is not None:
+        return config.padding_free
+    return getattr(model.config, "_attn_implementation", None) == "flash_attention_2"
+
+
+def _largest_batch_tokens(data, batch_size: int, padding_free: bool) -> int:
+    lengths = sorted((len(row["input_ids"]) for row in data.train), reverse=True)
+    if data.packed:
+        return lengths[0]
+    if padding_free:
+        return sum(lengths[:batch_size])
+    return batch_size * lengths[0]
+
+
+def _build_trainer(config: TrainConfig, model, tokenizer, data, precision: str, output_dir: Path,
+                   padding_free: bool):
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -123,7 +168,6 @@ def _build_trainer(config: TrainConfig, model, tokenizer, data, precision: str, 
     from ftkit.train.callbacks import ProgressAndLogCallback
     from ftkit.train.trainer import FtkitTrainer
 
-    padding_free = config.padding_free and not data.packed
     has_eval = bool(data.eval)
     eval_strategy = config.eval_strategy or ("steps" if has_eval else "no")
     if config.logging_dir:
@@ -163,6 +207,14 @@ def _build_trainer(config: TrainConfig, model, tokenizer, data, precision: str, 
     return trainer
 
 
+def _final_eval_loss(trainer) -> float:
+    """Eval loss of the final weights: the Trainer's own evaluation at the last step if it ran one."""
+    last = next((r for r in reversed(trainer.state.log_history) if "eval_loss" in r), None)
+    if last is not None and last.get("step") == trainer.state.global_step:
+        return float(last["eval_loss"])
+    return float(trainer.evaluate()["eval_loss"])
+
+
 def _has_accelerator() -> bool:
     import torch
 
@@ -173,7 +225,7 @@ def _final_metrics(trainer, train_output, data, checkpoint, started: float) -> d
     runtime = float(train_output.metrics.get("train_runtime", 0.0))
     tokens = trainer.tokens_seen
     return {
-        "train_loss": round(float(train_output.training_loss), 6),
+        "train_loss": round(trainer.run_train_loss(train_output), 6),
         "global_step": int(trainer.state.global_step),
         "epoch": round(float(trainer.state.epoch or 0), 4),
         "train_runtime_seconds": round(runtime, 2),
@@ -187,8 +239,11 @@ def _final_metrics(trainer, train_output, data, checkpoint, started: float) -> d
 
 def _save_final_model(trainer, tokenizer, output_dir: Path) -> None:
     """Write the adapter (or full model), tokenizer, chat template and generation config atomically."""
-    staging = output_dir / ".ftkit-final"
+    staging = output_dir / FINAL_STAGING_DIR
     shutil.rmtree(staging, ignore_errors=True)
+    model_config = getattr(getattr(trainer.model, "get_base_model", lambda: trainer.model)(), "config", None)
+    if model_config is not None:
+        model_config.use_cache = True  # turned off for gradient checkpointing; generation wants it back
     trainer.save_model(str(staging))
     tokenizer.save_pretrained(str(staging))
     generation_config = getattr(trainer.model, "generation_config", None)

@@ -1,29 +1,36 @@
-"""ftkit's Trainer: the HF Trainer with three changes, each for a measured reason.
+"""ftkit's Trainer: the HF Trainer with a few changes, each for a measured reason.
 
-1. The loss computes logits only where a label is trained (``logits_to_keep`` with the positions),
-   in fp32 over those rows only. A full-vocabulary logits tensor for every token is the largest
-   activation of a small model (49k x tokens x 4 bytes) and, with prompts masked, mostly thrown away.
+1. The loss computes logits only where a label is trained, one checkpointed chunk at a time
+   (``ftkit.train.loss``): full-vocabulary logits for every token are the largest activation of a
+   small model and, with prompts masked, mostly thrown away.
 2. Checkpoints are written into a staging folder and renamed into place, so a run killed mid-save
    never leaves a folder that looks complete (the Trainer writes in place).
 3. Length-grouped sampling is seeded per epoch (the Trainer's uses the global RNG, which breaks
    bit-exact resume); real (non-padding) tokens are counted for tokens/s.
+4. Each checkpoint records the sum of the step losses so far (``ftkit_state.json``), so a resumed run
+   reports the same train_loss as an uninterrupted one (the Trainer averages only the resumed steps).
+5. A run resumed from its last step trains no further (the Trainer runs one extra step when max_steps
+   ends mid-epoch).
 Everything else (optimizer, scheduler, accumulation, RNG state, resume, data skipping) is the Trainer's.
 """
 
 from __future__ import annotations
 
-import inspect
+import json
 import os
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Sampler
 from transformers import Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
 from ftkit.train.checkpoints import STAGING_DIR
+from ftkit.train.loss import chunked_loss_sum, plain_loss_sum, shifted_targets, supports_chunked_loss
+
+LOSS_STATE_FILE = "ftkit_state.json"
 
 
 class SeededLengthGroupedSampler(Sampler[int]):
@@ -58,13 +65,6 @@ class SeededLengthGroupedSampler(Sampler[int]):
         return iter([i for b in batch_order for i in batches[b]])
 
 
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    inner = model
-    while hasattr(inner, "get_base_model") or hasattr(inner, "base_model") and inner.base_model is not inner:
-        inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner.base_model
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
-
-
 class FtkitTrainer(Trainer):
     """The HF Trainer with trained-position-only logits, atomic checkpoints and token counting."""
 
@@ -73,11 +73,48 @@ class FtkitTrainer(Trainer):
         self.length_grouping = length_grouping
         self.tokens_seen = 0  # real (non-padding) tokens since this process started
         self._staging = False
-        self._logits_to_keep = _accepts_logits_to_keep(self.model)
+        self._earlier_loss_sum: float | None = 0.0  # loss summed over the steps before a resumed checkpoint
+        self._chunked_loss = supports_chunked_loss(self.model)
         # compute_loss divides by the trained tokens of the whole accumulation window (num_items_in_batch),
         # so the Trainer must count them and must not divide by the accumulation steps again.
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
+
+    # -- whole-run training loss -------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        self._earlier_loss_sum = 0.0
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            try:
+                state = json.loads((Path(resume_from_checkpoint) / LOSS_STATE_FILE).read_text(encoding="utf-8"))
+                self._earlier_loss_sum = float(state["loss_sum"])
+            except (OSError, ValueError, KeyError, TypeError):
+                self._earlier_loss_sum = None  # a checkpoint from elsewhere: only the resumed steps are known
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, *args, **kwargs):
+        epochs_trained, steps_trained = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, *args, **kwargs)
+        if self.state.global_step >= max_steps:
+            # Resumed from the last step (killed while writing the final model): nothing is left to train. The
+            # Trainer would still enter the epoch loop and run one step too many when max_steps ends mid-epoch.
+            return num_train_epochs, 0
+        return epochs_trained, steps_trained
+
+    def _loss_sum_so_far(self) -> float | None:
+        """The sum of every optimizer step's loss since step 0 (None when the steps before a resume are unknown)."""
+        if self._earlier_loss_sum is None:
+            return None
+        pending = getattr(self, "_tr_loss", None)  # accumulated since the last logging step
+        pending = float(pending.item()) if torch.is_tensor(pending) else 0.0
+        return self._earlier_loss_sum + float(getattr(self, "_total_loss_scalar", 0.0)) + pending
+
+    def run_train_loss(self, train_output) -> float:
+        """The mean step loss of the whole run, resumed or not (after ``train``)."""
+        total = None if self._earlier_loss_sum is None else \
+            self._earlier_loss_sum + float(getattr(self, "_total_loss_scalar", 0.0))
+        if total is None or not self.state.global_step:
+            return float(train_output.training_loss)
+        return total / self.state.global_step
 
     # -- sampling -------------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
@@ -85,29 +122,23 @@ class FtkitTrainer(Trainer):
             return super()._get_train_sampler(train_dataset)
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         lengths = [len(row["input_ids"]) for row in dataset]
-        return SeededLengthGroupedSampler(lengths, self.args.train_batch_size, self.args.seed)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return SeededLengthGroupedSampler(lengths, self.args.train_batch_size, seed)
 
     # -- loss -----------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
         attention_mask = inputs.get("attention_mask")
         self.tokens_seen += int(attention_mask.sum()) if attention_mask is not None else inputs["input_ids"].numel()
-        targets = torch.full_like(labels, -100)
-        targets[:, :-1] = labels[:, 1:]  # the prediction at position t is scored against token t + 1
-        if self._logits_to_keep:
-            positions = (targets != -100).any(dim=0).nonzero().squeeze(-1)
-            outputs = model(**inputs, logits_to_keep=positions, use_cache=False)
-            targets = targets[:, positions]
-        else:
-            outputs = model(**inputs, use_cache=False)
-        logits = outputs.logits.float()
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
-                               reduction="sum")
+        targets = shifted_targets(labels)
+        # Calling the decoder and head separately bypasses a wrapper's forward (DDP/FSDP gradient sync).
+        wrapped = self.accelerator.unwrap_model(model) is not model
+        loss_sum = (chunked_loss_sum if self._chunked_loss and not wrapped else plain_loss_sum)(model, inputs, targets)
         denominator = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
         if torch.is_tensor(denominator):
-            denominator = denominator.to(loss.device)
-        loss = loss / denominator
-        return (loss, outputs) if return_outputs else loss
+            denominator = denominator.to(loss_sum.device)
+        loss = loss_sum / denominator
+        return (loss, None) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -125,17 +156,25 @@ class FtkitTrainer(Trainer):
     def _save_checkpoint(self, model, trial):
         run_dir = super()._get_output_dir(trial)
         staging = os.path.join(run_dir, STAGING_DIR)
-        shutil.rmtree(staging, ignore_errors=True)
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         self._staging = True
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self._staging = False
+        self.accelerator.wait_for_everyone()  # every process has written its share (rng_state_<rank>.pth)
+        if not self.args.should_save:
+            return
         name = f"checkpoint-{self.state.global_step}"
+        loss_sum = self._loss_sum_so_far()
+        if loss_sum is not None:
+            with open(os.path.join(staging, name, LOSS_STATE_FILE), "w", encoding="utf-8") as f:
+                json.dump({"global_step": self.state.global_step, "loss_sum": loss_sum}, f)
         final = os.path.join(run_dir, name)
-        if os.path.exists(final):
+        if os.path.exists(final):  # from an earlier process (killed mid-way, or resumed from an earlier step)
             shutil.rmtree(final)
         os.replace(os.path.join(staging, name), final)  # the checkpoint appears complete or not at all
         shutil.rmtree(staging, ignore_errors=True)
-        if self.args.should_save:
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit, use_mtime=False)
+        rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit, use_mtime=False)

@@ -1,0 +1,176 @@
+"""What merge-lora refuses, each in one sentence, as early as it can be known.
+
+Before any model is loaded: an export_dir that is not empty (without ``overwrite``), one that is an
+input, an adapter trained on another base (architecture, hidden size or name). Once the base is loaded
+(sizes known): an ``export_size`` that would write one shard per tensor, and a disk without room.
+Shapes and ranks are checked by ``ftkit.models.adapters.check_adapter_matches`` as each adapter loads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ftkit.errors import FtkitError
+from ftkit.models import ModelSource, adapter_base_name
+
+GB = 10**9
+"""export_size is in decimal gigabytes, as transformers' ``max_shard_size="5GB"`` is."""
+
+
+def check_export_dir(export_dir: Path, *, overwrite: bool) -> None:
+    """Refuse a file, or an existing non-empty directory unless ``overwrite`` is set."""
+    if export_dir.is_file():
+        raise FtkitError(f"export_dir {export_dir} is a file; choose a directory path for the export.")
+    blocking = next((parent for parent in export_dir.parents if parent.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise FtkitError(f"export_dir {export_dir} cannot be created: {blocking} is a file; choose a directory path "
+                         "for the export.")
+    if export_dir.is_dir() and any(export_dir.iterdir()) and not overwrite:
+        raise FtkitError(f"export_dir {export_dir} already exists and is not empty; choose a new directory or set "
+                         "overwrite: true to replace it.")
+
+
+def check_export_dir_is_not_an_input(export_dir: Path, inputs: Iterable[tuple[str, Path]]) -> None:
+    """Writing over (or around) the base or an adapter would destroy what is being merged."""
+    target = export_dir.expanduser().resolve()
+    for role, path in inputs:
+        source = path.expanduser().resolve()
+        if target == source or target in source.parents:
+            raise FtkitError(f"export_dir {export_dir} is (or contains) the {role} {path}; write the export to "
+                             "another directory.")
+
+
+def check_adapter_base(adapter_dir: Path, model_name: str, source: ModelSource, trained_on: str | None) -> None:
+    """The adapter must have been trained on this base: same architecture, hidden size and model name.
+
+    The recorded base is ``base_model_name_or_path`` (adapter_config.json) and the training config's
+    ``model_name_or_path``. Names match when they are the same directory or name the same model
+    (``HuggingFaceTB/SmolLM2-135M-Instruct``, a hub-cache snapshot of it and ``smollm2-135m-instruct``
+    do); architecture and hidden size are compared when the recorded base's config.json is on disk.
+    """
+    recorded = adapter_base_name(adapter_dir)
+    base_config = _read_config(source.path / "config.json") if not source.gguf_file else None
+    recorded_config = _read_config(Path(recorded).expanduser() / "config.json") if recorded else None
+    if base_config and recorded_config:
+        ours, theirs = _architecture(base_config), _architecture(recorded_config)
+        if ours and theirs and ours != theirs:
+            raise FtkitError(f"Adapter {adapter_dir} was trained on a {theirs} ({recorded}) but model_name_or_path "
+                             f"{model_name} is a {ours}; pass the adapter's base model as model_name_or_path.")
+        ours_size, theirs_size = _hidden_size(base_config), _hidden_size(recorded_config)
+        if ours_size and theirs_size and ours_size != theirs_size:
+            raise FtkitError(f"Adapter {adapter_dir} was trained on a model with hidden size {theirs_size} "
+                             f"({recorded}) but model_name_or_path {model_name} has hidden size {ours_size}; pass "
+                             "the adapter's base model as model_name_or_path.")
+    names = [name for name in (recorded, trained_on) if name]
+    if names and not any(_same_model(name, model_name, source.path) for name in names):
+        raise FtkitError(f"Adapter {adapter_dir} was trained on '{names[0]}' but model_name_or_path is "
+                         f"'{model_name}'; pass that base (if it is the same model under another name, set "
+                         f"base_model_name_or_path in {adapter_dir / 'adapter_config.json'} to '{model_name}').")
+
+
+def check_shard_plan(model: nn.Module, dtype: torch.dtype, export_size_gb: float) -> int:
+    """Refuse an export_size so small that the tensors land about one per shard; return the shard count.
+
+    Mirrors ``huggingface_hub.split_torch_state_dict_into_shards`` (tensors in state-dict order, a new
+    shard when the next tensor would not fit, oversized tensors alone), which save_pretrained uses.
+    """
+    sizes = tensor_sizes(model, dtype)
+    limit = export_size_gb * GB
+    shards, current = 0, 0
+    for _, size in sizes:
+        if size > limit:
+            shards += 1
+            continue
+        if current and current + size > limit:
+            shards, current = shards + 1, 0
+        current += size
+    shards += 1 if current else 0
+    if len(sizes) > 1 and shards > len(sizes) / 2:
+        name, largest = max(sizes, key=lambda item: item[1])
+        suggestion = _round_up(2 * largest / GB)  # then any two neighbouring tensors fit in one shard
+        raise FtkitError(f"export_size {export_size_gb:g} GB would split the {len(sizes)} tensors into {shards} shards, "
+                         f"about one per tensor (the largest, {name}, is {largest / GB:.3g} GB); set export_size to at "
+                         f"least {suggestion:g} (GB), or keep the default 5.")
+    return shards
+
+
+def check_free_space(directory: Path, needed_bytes: int) -> None:
+    """Refuse before writing when the export's filesystem cannot hold it (5% + 50 MB slack)."""
+    free = shutil.disk_usage(directory).free
+    if free < needed_bytes * 1.05 + 50 * 10**6:
+        raise FtkitError(f"The filesystem of {directory.parent} has {free / GB:.2f} GB free but the export needs about "
+                         f"{needed_bytes / GB:.2f} GB; free some space or choose another export_dir.")
+
+
+def tensor_sizes(model: nn.Module, dtype: torch.dtype) -> list[tuple[str, int]]:
+    """(name, bytes in ``dtype``) of each distinct floating tensor in state-dict order (tied ones once)."""
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    sizes: list[tuple[str, int]] = []
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        itemsize = dtype.itemsize if tensor.is_floating_point() else tensor.element_size()
+        sizes.append((name, tensor.numel() * itemsize))
+    return sizes
+
+
+def model_identity(name_or_path: str) -> str:
+    """A comparable model name: the last path component, lower-cased, without hub-cache or GGUF decorations."""
+    text = name_or_path.strip().rstrip("/\\").removeprefix("ms://")
+    parts = [part for part in re.split(r"[/\\]", text) if part]
+    for part in parts:
+        if part.startswith("models--"):  # the Hugging Face cache: models--org--name/snapshots/<hash>
+            return part.split("--")[-1].lower()
+    last = parts[-1] if parts else text
+    if last.lower().endswith(".gguf"):
+        last = re.sub(r"[.-](i?q\d\w*|f16|f32|bf16)$", "", last[:-5], flags=re.IGNORECASE)
+    return last.lower()
+
+
+def _same_model(recorded: str, model_name: str, model_path: Path) -> bool:
+    recorded_path = Path(recorded).expanduser()
+    if recorded_path.exists() and recorded_path.resolve() == model_path.resolve():
+        return True
+    return model_identity(recorded) in {model_identity(model_name), model_identity(str(model_path))}
+
+
+def _read_config(path: Path) -> dict[str, Any] | None:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def _architecture(config: dict[str, Any]) -> str | None:
+    architectures = config.get("architectures")
+    if isinstance(architectures, list) and architectures:
+        return str(architectures[0])
+    return str(config["model_type"]) if config.get("model_type") else None
+
+
+def _hidden_size(config: dict[str, Any]) -> int | None:
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    for key in ("hidden_size", "n_embd", "d_model"):
+        if isinstance(text.get(key), int):
+            return text[key]
+    return None
+
+
+def _round_up(value: float) -> float:
+    """Round up to two significant digits (0.01234 -> 0.013)."""
+    if value <= 0:
+        return value
+    exponent = math.floor(math.log10(value)) - 1
+    return math.ceil(value / 10**exponent) * 10**exponent

