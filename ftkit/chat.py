@@ -17,6 +17,8 @@ def load_chat_model(model: str, adapters: list[str], template: str = "auto"):
     """Load model, tokenizer (the adapter's own if it has one) and adapters for inference."""
     from dataclasses import replace
 
+    import torch
+
     from ftkit.data.templates import apply_chat_template_to_tokenizer
     from ftkit.models import (
         default_device,
@@ -38,9 +40,12 @@ def load_chat_model(model: str, adapters: list[str], template: str = "auto"):
     tokenizer = load_tokenizer(tokenizer_source)
     apply_chat_template_to_tokenizer(tokenizer, template)
     device = default_device()
-    loaded = load_model(source, dtype=inference_dtype(device), device=device)
+    dtype = inference_dtype(device)
+    # Adapters are merged into fp32 weights and the result cast once, exactly as `ftkit merge-lora` exports
+    # it: merging into bf16 weights rounds twice and drops small LoRA updates.
+    loaded = load_model(source, dtype=torch.float32 if adapter_dirs else dtype, device=device)
     if adapter_dirs:
-        loaded = load_adapters(loaded, [str(d) for d in adapter_dirs], trainable=False)
+        loaded = load_adapters(loaded, [str(d) for d in adapter_dirs], trainable=False, dtype=dtype)
     sync_special_tokens(loaded, tokenizer)
     loaded.eval()
     return loaded, tokenizer

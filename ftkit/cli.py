@@ -127,8 +127,7 @@ def merge_lora(
 ) -> None:
     """Fold LoRA adapters into their base model and export a standalone model.
 
-    Writes safetensors shards, config, tokenizer, chat template, a README and an Ollama Modelfile into
-    export_dir, after checking that the export's logits match base + adapter.
+    Writes safetensors shards, tokenizer, chat template, README and Ollama Modelfile, checked against base + adapter.
     """
     import json
 

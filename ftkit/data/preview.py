@@ -7,6 +7,7 @@ the padding waste of plain, length-grouped and packed batching.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,6 @@ from rich.table import Table
 from rich.text import Text
 
 from ftkit.data.registry import load_registry, spec_from_entry
-
-import sys
 
 # Wide enough for the statistics tables when piped to a file (rich assumes 80 columns there).
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)

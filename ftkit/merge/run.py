@@ -15,6 +15,7 @@ failure removes it, and a replaced export is deleted only once the new one is in
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import gc
 import os
@@ -155,7 +156,7 @@ def _merge_into(
     in_memory = verify.score(model, prompts)  # in the export dtype: what the files must reproduce exactly
     _save(model, tokenizer, staging, config.export_size)
     del model
-    gc.collect()
+    _release_freed_memory()
 
     verification = _verify(staging, prompts, reference, in_memory, dtype)
     _say(f"verified: merged weights within {merged.max_difference:.2e} of base + adapter (fp32); the export on disk: "
@@ -263,11 +264,11 @@ def _verify(staging: Path, prompts: verify.VerificationPrompts, reference, in_me
     the merged model's logits exactly, and base + adapter's within the dtype's tolerance."""
     from ftkit.models import ModelSource, load_tokenizer
 
-    verify.check_saved_tokenizer(load_tokenizer(ModelSource("local", staging, display=str(staging))), prompts)
     model = _load_export(staging, dtype)
     scores = verify.score(model, prompts)
     del model
-    gc.collect()
+    _release_freed_memory()
+    verify.check_saved_tokenizer(load_tokenizer(ModelSource("local", staging, display=str(staging))), prompts)
     stored = verify.compare(in_memory, scores, dtype, tolerance=verify.RELOAD_TOLERANCE)
     if not stored.passed:
         raise FtkitError(f"Merge verification failed: the export read back from disk gives logits up to "
@@ -286,6 +287,14 @@ def _load_export(staging: Path, dtype: torch.dtype):
     from ftkit.models import ModelSource, load_model
 
     return load_model(ModelSource("local", staging, display=str(staging)), dtype=dtype)
+
+
+def _release_freed_memory() -> None:
+    """Collect the freed model and hand the allocator's free pages back to the OS (glibc keeps them otherwise,
+    and the export loaded next would count on top of them)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -46,6 +46,7 @@ VERIFICATION_CONVERSATIONS: tuple[list[Message], ...] = (
 )
 """Fixed prompts: single- and multi-turn, with and without a system message."""
 
+SCORED_POSITIONS = 32
 FP32_TOLERANCE = 1e-3
 RELOAD_TOLERANCE = 0.0
 """The export read back must give the in-memory merged model's logits exactly (same weights, same arithmetic)."""
@@ -89,10 +90,16 @@ def render_prompts(tokenizer: Any, conversations: Sequence[list[Message]] = VERI
 
 @torch.inference_mode()
 def score(model: Any, prompts: VerificationPrompts) -> list[torch.Tensor]:
-    """fp32 logits of every position of every prompt (one prompt at a time: no padding to reason about)."""
+    """fp32 logits of the last ``SCORED_POSITIONS`` positions of each prompt, one prompt at a time (no padding
+    to reason about). Every earlier position still flows through every layer; keeping only the last logits
+    (where the prompts differ: the system prompt before them is shared) keeps three score sets small."""
     model.eval()
     device = next(model.parameters()).device
-    return [model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu() for ids in prompts.token_ids]
+    scores = []
+    for ids in prompts.token_ids:
+        logits = model(input_ids=torch.tensor([ids], device=device)).logits
+        scores.append(logits[0, -SCORED_POSITIONS:].float().cpu().clone())
+    return scores
 
 
 def logit_tolerance(dtype: torch.dtype, reference: Sequence[torch.Tensor]) -> float:

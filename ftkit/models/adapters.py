@@ -1,11 +1,11 @@
 """Decide which weights train: LoRA/QLoRA adapters, freeze (last N layers), or full fine-tuning.
 
 ``prepare_model_for_training`` is the one entry point the train stage calls; the pieces it dispatches to
-are public so merge-lora, chat and serve reuse ``load_adapters`` and ``attach_adapter``. Written here rather than left to peft
-defaults because of what peft does not check: a ``lora_target`` that names no module, an adapter whose
-base is another model (peft fails with a size-mismatch traceback or silently skips weights), a rank no
-low-rank update of a layer can have, embeddings an adapter resized, LoRA weights that must stay fp32 on a
-bf16 base, and which layers count as "the last N" for freeze.
+are public so merge-lora, chat and serve reuse ``load_adapters`` and ``attach_adapter``. Written here
+rather than left to peft defaults because of what peft does not check: a ``lora_target`` that names no
+module, an adapter whose base is another model (peft fails with a size-mismatch traceback or silently
+skips weights), a rank no low-rank update of a layer can have, embeddings an adapter resized, LoRA
+weights that must stay fp32 on a bf16 base, and which layers count as "the last N" for freeze.
 """
 
 from __future__ import annotations
@@ -155,16 +155,15 @@ def attach_adapter(model: PreTrainedModel, adapter_dir: str | Path, *, trainable
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
+    if (adapter_dir / "adapter_config.json").is_file():
+        _grow_embeddings_for_adapter(getattr(model, "get_base_model", lambda: model)(), _saved_shapes(adapter_dir))
     check_adapter_matches(model, adapter_dir)
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable, autocast_adapter_dtype=True)
 
 
 def check_adapter_matches(model: nn.Module, adapter_dir: Path) -> None:
-    """Raise ``FtkitError`` naming the first difference if ``adapter_dir`` was not trained on ``model``'s shapes.
-
-    An adapter that saved resized embeddings (tokens added during training) first grows the base's
-    embeddings to its row count; the saved rows replace the new ones when the adapter loads.
-    """
+    """Raise ``FtkitError`` naming the first difference if ``adapter_dir`` was not trained on ``model``'s shapes,
+    or if its rank is more than a layer allows (or than adapter_config.json says)."""
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FtkitError(
@@ -172,8 +171,7 @@ def check_adapter_matches(model: nn.Module, adapter_dir: Path) -> None:
             "adapter into."
         )
     base = getattr(model, "get_base_model", lambda: model)()
-    shapes = {key.removeprefix("base_model.model."): tuple(shape) for key, shape in _adapter_tensor_shapes(adapter_dir).items()}
-    _grow_embeddings_for_adapter(base, shapes)
+    shapes = _saved_shapes(adapter_dir)
     modules, params = dict(base.named_modules()), dict(base.named_parameters(remove_duplicate=False))
     trained_on = adapter_base_name(adapter_dir) or "another model"
     for key, shape in shapes.items():
@@ -448,8 +446,14 @@ def _shape_problem(key: str, shape: tuple[int, ...], modules: dict[str, nn.Modul
     return None
 
 
+def _saved_shapes(adapter_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Shapes of the adapter's saved tensors, keyed by the base model's parameter names."""
+    return {key.removeprefix("base_model.model."): tuple(shape) for key, shape in _adapter_tensor_shapes(adapter_dir).items()}
+
+
 def _grow_embeddings_for_adapter(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Resize the input embeddings (and a tied head) when the adapter saved a larger vocabulary."""
+    """Resize the input embeddings (and a tied head) when the adapter saved a larger vocabulary: tokens added
+    in training. The new rows are placeholders; the adapter's saved rows replace them when it loads."""
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if embeddings is None or is_quantized(model):
         return
