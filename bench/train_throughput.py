@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = "identity,alpaca_en_demo,sharegpt_demo"
 BATCH, RANK, LR = 8, 16, 1e-4
+FTKIT_OPTIONS = json.loads(os.environ.get("FTKIT_BENCH_OPTIONS", "{}"))  # e.g. {"disable_gradient_checkpointing": false}
 
 
 def peak_rss_mb() -> float:
@@ -87,7 +88,7 @@ def run_ftkit(workdir: Path) -> dict:
     config = TrainConfig(
         output_dir=str(workdir / "ftkit"), dataset=DATASETS, dataset_dir=str(ROOT / "data"), finetuning_type="lora",
         lora_rank=RANK, lora_target="all", per_device_train_batch_size=BATCH, num_train_epochs=1, learning_rate=LR,
-        logging_steps=5, save_strategy="no", cutoff_len=1024, plot_loss=False,
+        logging_steps=5, save_strategy="no", cutoff_len=1024, plot_loss=False, **FTKIT_OPTIONS,
     )
     result = run_training(LoadedConfig(config=config, path=None))
     metrics = result.metrics

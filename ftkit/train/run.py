@@ -41,7 +41,7 @@ class TrainResult:
 
 
 def _say(message: str) -> None:
-    console.print(f"[bold cyan]ftkit[/] {message}")
+    console.print(f"[bold cyan]ftkit[/] {message}", soft_wrap=True)
 
 
 def _check_reporters(config: TrainConfig) -> None:
@@ -111,7 +111,8 @@ def run_training(loaded: LoadedConfig) -> TrainResult:
     padding_free = _padding_free(config, model, data.packed)
     checkpointing = decide_gradient_checkpointing(
         config.disable_gradient_checkpointing, model.config,
-        _largest_batch_tokens(data, config.per_device_train_batch_size, padding_free), device.type)
+        _largest_batch_tokens(data, config.per_device_train_batch_size, padding_free), device.type,
+        sum(p.numel() for p in model.parameters()))
     _say(checkpointing.reason)
     model = prepare_model_for_training(model, config, tokenizer=tokenizer, gradient_checkpointing=checkpointing.enabled)
     _say(trainable_parameter_summary(model))
