@@ -145,7 +145,7 @@ def test_a_train_key_in_a_merge_config_is_named_as_such(tmp_path):
         ("cutoff_len: 4", "cutoff_len: input should be greater than or equal to 8 (got 4)"),
         ("quantization_bit: 3", "quantization_bit: input should be 4 or 8 (got 3)"),
         ("bf16: maybe", "bf16: input should be a valid boolean or 'auto' (got 'maybe')"),
-        ("report_to: tensorboard, mlflow", "report_to: input should be 'none', 'tensorboard' or 'wandb' (got 'mlflow')"),
+        ("report_to: tensorboard, mlfow", "report_to: input should be 'none', 'tensorboard', 'wandb', 'swanlab', 'mlflow', 'trackio', 'comet_ml' or 'clearml' (got 'mlfow')"),
         ("stage: dpo", "stage: input should be 'sft' or 'pt' (got 'dpo')"),
     ],
 )

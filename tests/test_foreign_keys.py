@@ -557,13 +557,19 @@ def test_a_refused_value_from_the_command_line_is_an_error_too(tmp_path):
 
 
 def test_an_ignored_key_accepts_any_value_with_its_note(tmp_path):
-    path = write_config(tmp_path, {**MINIMAL_TRAIN, "gradient_checkpointing": False, "temperature": 0.2})
+    path = write_config(tmp_path, {**MINIMAL_TRAIN, "use_unsloth_gc": False, "temperature": 0.2})
     loaded = load_stage_config(TrainConfig, path)
     assert loaded.notes == [
-        f"{path}:3: gradient_checkpointing: {FOREIGN_KEYS['gradient_checkpointing'].note}",
+        f"{path}:3: use_unsloth_gc: {FOREIGN_KEYS['use_unsloth_gc'].note}",
         f"{path}:4: temperature: {FOREIGN_KEYS['temperature'].note}",
     ]
-    assert loaded.config.disable_gradient_checkpointing is False
+
+
+def test_transformers_gradient_checkpointing_key_is_honoured(tmp_path):
+    path = write_config(tmp_path, {**MINIMAL_TRAIN, "gradient_checkpointing": False})
+    assert load_stage_config(TrainConfig, path).config.checkpointing_choice is False
+    path = write_config(tmp_path, {**MINIMAL_TRAIN, "activation_checkpointing": True})
+    assert load_stage_config(TrainConfig, path).config.checkpointing_choice is True
 
 
 def test_a_passthrough_key_with_the_wrong_type_is_an_error_naming_it(tmp_path):

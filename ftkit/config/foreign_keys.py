@@ -102,14 +102,10 @@ _RAY = "ignored: a Ray launcher setting (LLaMA-Factory with USE_RAY=1); ftkit do
 _PROFILER = "ignored: only used with enable_torch_profiler; ftkit has no built-in torch profiler."
 _FP8 = "ignored: only used with fp8, which ftkit does not support."
 _HUB = "ignored: only used when pushing to the Hugging Face Hub, which ftkit does not do."
-_TRACKIO = "ignored: a Trackio logger setting; ftkit's report_to offers none, tensorboard and wandb."
-_CHECKPOINTING = (
-    "accepted; ftkit, like LLaMA-Factory, checkpoints activations unless disable_gradient_checkpointing: true, "
-    "whatever this key says."
-)
+_TRACKIO = "ignored: a Trackio logger setting; ftkit passes report_to: trackio to transformers without settings."
 _CHECKPOINTING_KWARGS = (
-    "ignored: ftkit turns on non-reentrant checkpointing itself (unless disable_gradient_checkpointing: true) "
-    "and passes no kwargs."
+    "ignored: ftkit decides on non-reentrant checkpointing itself (see gradient_checkpointing) and passes no "
+    "kwargs."
 )
 _BEST_MODEL = "ignored: only used with load_best_model_at_end, which ftkit does not support."
 _NO_METRICS = "ignored: ftkit computes no custom metrics; evaluation during training reports eval loss only."
@@ -365,8 +361,6 @@ FOREIGN_KEYS: dict[str, ForeignKey] = {
     "profiler_with_stack": _ignored(_PROFILER, True),
     "profile_modules": _ignored(_PROFILER),
     # ---- transformers 5.24 (Seq2Seq)TrainingArguments fields ftkit does not pass through -------------
-    "gradient_checkpointing": _ignored(_CHECKPOINTING, False),
-    "activation_checkpointing": _ignored(_CHECKPOINTING),  # transformers 5's name for gradient_checkpointing
     "gradient_checkpointing_kwargs": _ignored(_CHECKPOINTING_KWARGS),
     "activation_checkpointing_kwargs": _ignored(_CHECKPOINTING_KWARGS),
     "label_smoothing_factor": _refused("ftkit's loss is plain token cross-entropy; label smoothing is not supported.", 0.0),
@@ -450,6 +444,7 @@ FOREIGN_KEYS: dict[str, ForeignKey] = {
 
 
 KEY_ALIASES: dict[str, str] = {
+    "activation_checkpointing": "gradient_checkpointing",  # transformers 5's new name
     # transformers < 4.46 (LLaMA-Factory <= 0.9.1 examples wrote it)
     "evaluation_strategy": "eval_strategy",
     # transformers' deprecated per-GPU names, removed in transformers 5

@@ -183,6 +183,10 @@ class MethodSection(Section):
     freeze_extra_modules: list[str] | None = Field(
         None, description="freeze: extra top-level modules to train too (e.g. embed_tokens)."
     )
+    gradient_checkpointing: bool | None = Field(
+        None, description="true/false force activation checkpointing on/off (transformers' name; the same as "
+        "disable_gradient_checkpointing false/true); unset: ftkit decides from a memory estimate."
+    )
     disable_gradient_checkpointing: bool | None = Field(
         None, description="true: never checkpoint activations; false: always; unset: checkpoint only when the "
         "largest batch's activations would take more than a fifth of free memory (ftkit prints the estimate)."
@@ -193,11 +197,22 @@ class MethodSection(Section):
     )(split_names)
 
     @property
+    def checkpointing_choice(self) -> bool | None:
+        """True/False when the user forced activation checkpointing on/off, None to let ftkit decide."""
+        if self.gradient_checkpointing is not None:
+            return self.gradient_checkpointing
+        return None if self.disable_gradient_checkpointing is None else not self.disable_gradient_checkpointing
+
+    @property
     def resolved_lora_alpha(self) -> int:
         return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank
 
     def problems(self) -> list[Problem]:
         found: list[Problem] = []
+        if (self.gradient_checkpointing is not None and self.disable_gradient_checkpointing is not None
+                and self.gradient_checkpointing == self.disable_gradient_checkpointing):
+            found.append(("disable_gradient_checkpointing", "gradient_checkpointing and disable_gradient_checkpointing "
+                          "contradict each other; keep one of them."))
         if self.freeze_trainable_layers == 0:
             found.append(("freeze_trainable_layers", "freeze_trainable_layers must not be 0: give the number of last "
                           "layers to train (or a negative number for the first layers)."))

@@ -301,7 +301,7 @@ def prepare_model_for_training(
     if tokenizer is not None:
         sync_special_tokens(model, tokenizer)
     checkpointing = gradient_checkpointing if gradient_checkpointing is not None else (
-        not config.disable_gradient_checkpointing)
+        config.checkpointing_choice is not False)
     if config.uses_lora:
         quantized = is_quantized(model)
         if config.adapter_name_or_path:

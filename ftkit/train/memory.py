@@ -51,11 +51,9 @@ def free_memory_bytes(device_type: str) -> int:
 def decide_gradient_checkpointing(
     setting: bool | None, model_config: Any, tokens_per_batch: int, device_type: str, parameter_count: int
 ) -> CheckpointingDecision:
-    """``setting`` is the config's disable_gradient_checkpointing: True/False decide, None estimates."""
+    """``setting``: True/False when the config forces checkpointing on/off; None estimates and decides."""
     if setting is not None:
-        state = "off" if setting else "on"
-        return CheckpointingDecision(not setting, f"gradient checkpointing {state} (disable_gradient_checkpointing: "
-                                                  f"{str(setting).lower()})")
+        return CheckpointingDecision(setting, f"gradient checkpointing {'on' if setting else 'off'} (set in the config)")
     needed = activation_bytes(model_config, tokens_per_batch)
     free = free_memory_bytes(device_type)
     budget = min(SHARE_OF_FREE_MEMORY * free, WEIGHT_MULTIPLE * 4 * parameter_count)

@@ -110,7 +110,7 @@ def run_training(loaded: LoadedConfig) -> TrainResult:
                        device=device)
     padding_free = _padding_free(config, model, data.packed)
     checkpointing = decide_gradient_checkpointing(
-        config.disable_gradient_checkpointing, model.config,
+        config.checkpointing_choice, model.config,
         _largest_batch_tokens(data, config.per_device_train_batch_size, padding_free), device.type,
         sum(p.numel() for p in model.parameters()))
     _say(checkpointing.reason)
