@@ -35,7 +35,7 @@ from ftkit.models import (
     load_tokenizer,
     sync_special_tokens,
 )
-from ftkit.models.adapters import attach_adapter
+from ftkit.models.saved_adapters import attach_adapter
 
 REPO = Path(__file__).resolve().parent.parent
 CONVERSATION = [{"role": "user", "content": "Who are you?"}]

@@ -3,7 +3,7 @@
 Before any model is loaded: an export_dir that is not empty (without ``overwrite``), one that is an
 input, an adapter trained on another base (architecture, hidden size or name). Once the base is loaded
 (sizes known): an ``export_size`` that would write one shard per tensor, and a disk without room.
-Shapes and ranks are checked by ``ftkit.models.adapters.check_adapter_matches`` as each adapter loads.
+Shapes and ranks are checked by ``ftkit.models.saved_adapters.check_adapter_matches`` as each adapter loads.
 """
 
 from __future__ import annotations

@@ -120,7 +120,7 @@ def _merge_into(
     dtype: torch.dtype,
 ) -> MergeResult:
     from ftkit.models import is_quantized, load_adapters, load_model, sync_special_tokens
-    from ftkit.models.adapters import attach_adapter, cast_weights
+    from ftkit.models.saved_adapters import attach_adapter, cast_weights
 
     for training in trainings:
         if training.quantization_bits:

@@ -11,13 +11,11 @@ from ftkit.models.adapters import (
     apply_freeze,
     apply_full,
     apply_lora,
-    check_adapter_matches,
     decoder_layers,
     enable_gradient_checkpointing,
     find_lora_targets,
     is_quantized,
     linear_module_names,
-    load_adapters,
     prepare_model_for_training,
     trainable_parameter_summary,
 )
@@ -40,6 +38,7 @@ from ftkit.models.precision import (
     resolve_load_dtype,
     resolve_mixed_precision,
 )
+from ftkit.models.saved_adapters import attach_adapter, cast_weights, check_adapter_matches, load_adapters
 from ftkit.models.source import (
     ModelSource,
     adapter_base_name,
@@ -59,6 +58,8 @@ __all__ = [
     "apply_freeze",
     "apply_full",
     "apply_lora",
+    "attach_adapter",
+    "cast_weights",
     "check_adapter_matches",
     "checkpoint_dtype",
     "cpu_has_fast_bf16",

@@ -1,17 +1,13 @@
 """Decide which weights train: LoRA/QLoRA adapters, freeze (last N layers), or full fine-tuning.
 
 ``prepare_model_for_training`` is the one entry point the train stage calls; the pieces it dispatches to
-are public so merge-lora, chat and serve reuse ``load_adapters`` and ``attach_adapter``. Written here
-rather than left to peft defaults because of what peft does not check: a ``lora_target`` that names no
-module, an adapter whose base is another model (peft fails with a size-mismatch traceback or silently
-skips weights), a rank no low-rank update of a layer can have, embeddings an adapter resized, LoRA
+are public. Loading *saved* adapters lives in ``ftkit.models.saved_adapters``. Written here rather than
+left to peft defaults because of what peft does not check: a ``lora_target`` that names no module, LoRA
 weights that must stay fp32 on a bf16 base, and which layers count as "the last N" for freeze.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,7 +15,7 @@ from torch import nn
 
 from ftkit.errors import FtkitError
 from ftkit.models.loader import sync_special_tokens
-from ftkit.models.source import adapter_base_name, resolve_adapter_dir
+from ftkit.models.source import resolve_adapter_dir
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -28,9 +24,6 @@ if TYPE_CHECKING:
     from ftkit.config.stages import TrainConfig
 
 _LORA_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d)
-_LORA_KEY_MARKERS = (".lora_A.", ".lora_B.", ".lora_magnitude_vector", ".lora_embedding_A", ".lora_embedding_B")
-
-
 def is_quantized(model: nn.Module) -> bool:
     """True for a model loaded in 4 or 8 bits (its quantized weights cannot be merged into or trained)."""
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
@@ -111,82 +104,6 @@ def apply_lora(
     peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
     _upcast_trainable(peft_model)
     return peft_model
-
-
-def load_adapters(
-    model: PreTrainedModel, paths: list[str | Path], *, trainable: bool, dtype: torch.dtype | None = None
-) -> PreTrainedModel | PeftModel:
-    """Apply LoRA adapters in order, as LLaMA-Factory does.
-
-    Training (``trainable``): all but the last are merged into the base; the last stays a trainable
-    adapter. Inference: all are merged (fast, plain model), except on a quantized base, which cannot
-    absorb them and keeps its single adapter separate.
-
-    ``dtype`` casts the merged model afterwards. Inference should load the base in fp32, merge, and cast to
-    its inference dtype: each merged weight is rounded once, exactly as ``ftkit merge-lora`` does, so base +
-    adapter and the merged export generate the same tokens. Merging into a bf16 base rounds twice, and an
-    update smaller than half a bf16 step of its weight (much of a short fine-tune) is rounded away: with the
-    quickstart adapter, a bf16 merge no longer answered "Who are you?" with the name it was taught.
-    """
-    if not paths:
-        return model if dtype is None or is_quantized(model) else cast_weights(model, dtype)
-    directories = [Path(path) for path in paths]
-    quantized = is_quantized(model)
-    if quantized and len(directories) > 1:
-        raise FtkitError(
-            f"A quantized model takes one adapter, but adapter_name_or_path lists {len(directories)}; merge them "
-            "into the full-precision base first (ftkit merge-lora) or remove quantization_bit."
-        )
-    keep_last = trainable or quantized
-    for index, directory in enumerate(directories):
-        is_last = index == len(directories) - 1
-        if is_last and keep_last:
-            peft_model = attach_adapter(model, directory, trainable=trainable)
-            if trainable:
-                _upcast_trainable(peft_model)
-            return peft_model
-        model = attach_adapter(model, directory).merge_and_unload()
-    return model if dtype is None else cast_weights(model, dtype)
-
-
-def attach_adapter(model: PreTrainedModel, adapter_dir: str | Path, *, trainable: bool = False) -> PeftModel:
-    """Wrap ``model`` with the (checked) adapter in ``adapter_dir``, unmerged; the base is changed only to
-    grow its embeddings when the adapter carries resized ones (tokens added in training)."""
-    from peft import PeftModel
-
-    adapter_dir = Path(adapter_dir)
-    if (adapter_dir / "adapter_config.json").is_file():
-        _grow_embeddings_for_adapter(getattr(model, "get_base_model", lambda: model)(), _saved_shapes(adapter_dir))
-    check_adapter_matches(model, adapter_dir)
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable, autocast_adapter_dtype=True)
-
-
-def check_adapter_matches(model: nn.Module, adapter_dir: Path) -> None:
-    """Raise ``FtkitError`` naming the first difference if ``adapter_dir`` was not trained on ``model``'s shapes,
-    or if its rank is more than a layer allows (or than adapter_config.json says)."""
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise FtkitError(
-            f"Adapter directory {adapter_dir} has no adapter_config.json; pass the directory a LoRA run saved its "
-            "adapter into."
-        )
-    base = getattr(model, "get_base_model", lambda: model)()
-    shapes = _saved_shapes(adapter_dir)
-    modules, params = dict(base.named_modules()), dict(base.named_parameters(remove_duplicate=False))
-    trained_on = adapter_base_name(adapter_dir) or "another model"
-    for key, shape in shapes.items():
-        problem = _shape_problem(key, shape, modules, params)
-        if problem:
-            raise FtkitError(
-                f"Adapter {adapter_dir} does not fit this base model: {problem} (it was trained on '{trained_on}'); "
-                "pass that base as model_name_or_path."
-            )
-    for key, shape in shapes.items():
-        problem = _rank_problem(key, shape, modules)
-        if problem:
-            raise FtkitError(f"Adapter {adapter_dir} {problem}; it cannot be a LoRA of this model: retrain it with a "
-                             "smaller lora_rank (or check that adapter_config.json belongs to these weights).")
-    _check_configured_rank(adapter_dir, shapes)
 
 
 def apply_freeze(
@@ -313,6 +230,8 @@ def prepare_model_for_training(
                 )
                 for name in config.adapter_name_or_path
             ]
+            from ftkit.models.saved_adapters import load_adapters
+
             return load_adapters(model, directories, trainable=True)
         saved = config.additional_target or []
         return apply_lora(
@@ -356,23 +275,6 @@ def _prepare_base_for_adapters(model: PreTrainedModel, *, quantized: bool, gradi
         model.enable_input_require_grads()
 
 
-def cast_weights(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
-    """Cast parameters and saved buffers to ``dtype``, in place: the model then equals one loaded in ``dtype``.
-
-    Not ``model.to(dtype)``: that also casts buffers computed at start-up, such as RoPE's ``inv_freq``,
-    which ``from_pretrained(dtype=...)`` keeps in fp32; greedy answers then drift after a few dozen tokens.
-    """
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            if param.is_floating_point() and param.dtype != dtype:
-                param.data = param.data.to(dtype)
-        for name, buffer in module.named_buffers(recurse=False):
-            if buffer is not None and buffer.is_floating_point() and name not in module._non_persistent_buffers_set:
-                setattr(module, name, buffer.to(dtype))
-    model.config.dtype = dtype
-    return model
-
-
 def _upcast_trainable(model: nn.Module) -> None:
     """Trainable weights live in fp32 (peft leaves ``modules_to_save`` copies in the base's half dtype)."""
     for param in model.parameters():
@@ -405,94 +307,3 @@ def _is_component_path(full: str, name: str) -> bool:
     """True when ``name`` (``q_proj`` or ``self_attn.q_proj``) is a run of whole components of ``full``."""
     return f".{name}." in f".{full}."
 
-
-def _adapter_tensor_shapes(adapter_dir: Path) -> dict[str, list[int]]:
-    safetensors_file, bin_file = adapter_dir / "adapter_model.safetensors", adapter_dir / "adapter_model.bin"
-    if safetensors_file.is_file():
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(safetensors_file), framework="pt") as weights:
-                return {key: list(weights.get_slice(key).get_shape()) for key in weights.keys()}  # noqa: SIM118
-        except (OSError, SafetensorError) as error:
-            raise FtkitError(f"Adapter weights {safetensors_file} are unreadable or truncated ({error}); save the adapter again.") from error
-    if bin_file.is_file():
-        state = torch.load(bin_file, map_location="cpu", weights_only=True, mmap=True)
-        return {key: list(value.shape) for key, value in state.items()}
-    raise FtkitError(f"Adapter directory {adapter_dir} has no adapter_model.safetensors or adapter_model.bin; save the adapter again.")
-
-
-def _shape_problem(key: str, shape: tuple[int, ...], modules: dict[str, nn.Module], params: dict[str, nn.Parameter]) -> str | None:
-    """What does not fit between one saved adapter tensor and the base model (None when it fits)."""
-    marker = next((m for m in _LORA_KEY_MARKERS if m in key), None)
-    if marker is None:  # a modules_to_save copy or a resized embedding: a plain base parameter
-        param = params.get(key)
-        if param is None:
-            param = params.get(key.replace(".weight", ".modules_to_save.default.weight"))
-        if param is None:
-            return f"it saves weights for {key}, which the base model does not have"
-        return None if tuple(param.shape) == shape else f"{key} has shape {list(shape)} but the base's is {list(param.shape)}"
-    module_name = key.split(marker)[0]
-    module = modules.get(module_name)
-    if module is None:
-        return f"it adapts {module_name}, which the base model does not have"
-    base_layer = getattr(module, "base_layer", module)  # an already wrapped LoRA layer
-    in_features = getattr(base_layer, "in_features", getattr(base_layer, "num_embeddings", None))
-    out_features = getattr(base_layer, "out_features", getattr(base_layer, "embedding_dim", None))
-    if marker == ".lora_A." and in_features is not None and shape[-1] != in_features:
-        return f"{module_name} takes {in_features} input features but the adapter expects {shape[-1]}"
-    if marker in (".lora_B.", ".lora_magnitude_vector") and out_features is not None and shape[0] != out_features:
-        return f"{module_name} has {out_features} output features but the adapter expects {shape[0]}"
-    return None
-
-
-def _saved_shapes(adapter_dir: Path) -> dict[str, tuple[int, ...]]:
-    """Shapes of the adapter's saved tensors, keyed by the base model's parameter names."""
-    return {key.removeprefix("base_model.model."): tuple(shape) for key, shape in _adapter_tensor_shapes(adapter_dir).items()}
-
-
-def _grow_embeddings_for_adapter(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Resize the input embeddings (and a tied head) when the adapter saved a larger vocabulary: tokens added
-    in training. The new rows are placeholders; the adapter's saved rows replace them when it loads."""
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embeddings is None or is_quantized(model):
-        return
-    name = next((n for n, module in model.named_modules() if module is embeddings), None)
-    saved = shapes.get(f"{name}.weight") if name else None
-    rows, width = embeddings.weight.shape
-    if saved is not None and len(saved) == 2 and saved[1] == width and saved[0] > rows:
-        model.resize_token_embeddings(saved[0], mean_resizing=False)  # the adapter's rows overwrite the new ones
-
-
-def _rank_problem(key: str, shape: tuple[int, ...], modules: dict[str, nn.Module]) -> str | None:
-    """A LoRA rank above min(inputs, outputs) of its layer is no low-rank update of it."""
-    if ".lora_A." not in key and ".lora_embedding_A" not in key:
-        return None
-    module_name = key.split(".lora_A." if ".lora_A." in key else ".lora_embedding_A")[0]
-    base_layer = getattr(modules.get(module_name), "base_layer", modules.get(module_name))
-    in_features = getattr(base_layer, "in_features", getattr(base_layer, "num_embeddings", None))
-    out_features = getattr(base_layer, "out_features", getattr(base_layer, "embedding_dim", None))
-    if in_features is None or out_features is None or len(shape) < 2:
-        return None
-    rank, limit = shape[0], min(in_features, out_features)
-    if rank <= limit:
-        return None
-    return (f"has rank {rank} on {module_name}, more than that layer allows (at most {limit} = min({in_features} "
-            f"inputs, {out_features} outputs))")
-
-
-def _check_configured_rank(adapter_dir: Path, shapes: dict[str, tuple[int, ...]]) -> None:
-    """adapter_config.json's ``r`` must be the rank of the saved weights (peft otherwise fails with a traceback)."""
-    try:
-        config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise FtkitError(f"{adapter_dir / 'adapter_config.json'} is not valid JSON; save the adapter again.") from error
-    rank = config.get("r") if isinstance(config, dict) else None
-    if not isinstance(rank, int) or config.get("rank_pattern"):
-        return
-    saved = sorted({shape[0] for key, shape in shapes.items() if ".lora_A." in key and shape})
-    if saved and saved != [rank]:
-        raise FtkitError(
-            f"Adapter {adapter_dir} is inconsistent: adapter_config.json says r={rank} but its weights have rank "
-            f"{', '.join(map(str, saved))}; save the adapter again."
-        )
