@@ -6,6 +6,7 @@ The module trains one LoRA adapter on the embedded SmolLM2-135M-Instruct (identi
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -50,6 +51,9 @@ def test_the_fine_tuned_model_says_its_new_name_and_stops(identity_adapter):
                              max_new_tokens=MAX_NEW_TOKENS)[0]
     assert NAME in reply.text, reply.text
     assert reply.finished, f"no end-of-turn token within {MAX_NEW_TOKENS} tokens: {reply.text!r}"
+    # The adapter names its base as the user did, not by the local cache path it resolved to.
+    recorded = json.loads((identity_adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    assert recorded["base_model_name_or_path"] == "smollm2-135m-instruct"
     assert len(reply.token_ids) < MAX_NEW_TOKENS
 
 

@@ -132,7 +132,10 @@ def run_training(loaded: LoadedConfig) -> TrainResult:
     if data.eval:
         metrics["eval_loss"] = round(_final_eval_loss(trainer), 6)
 
-    _save_final_model(trainer, tokenizer, output_dir)
+    # Record the base as the user named it (hub id, ms:// id, alias), not the local cache path it resolved
+    # to, so the adapter loads on another machine; local directories stay paths.
+    _save_final_model(trainer, tokenizer, output_dir,
+                      base_name=config.model_name_or_path if source.kind in ("hub", "modelscope", "alias") else None)
     if config.plot_loss:
         from ftkit.train.callbacks import plot_loss
 
@@ -238,7 +241,7 @@ def _final_metrics(trainer, train_output, data, checkpoint, started: float) -> d
     }
 
 
-def _save_final_model(trainer, tokenizer, output_dir: Path) -> None:
+def _save_final_model(trainer, tokenizer, output_dir: Path, *, base_name: str | None = None) -> None:
     """Write the adapter (or full model), tokenizer, chat template and generation config atomically."""
     staging = output_dir / FINAL_STAGING_DIR
     shutil.rmtree(staging, ignore_errors=True)
@@ -247,6 +250,11 @@ def _save_final_model(trainer, tokenizer, output_dir: Path) -> None:
         model_config.use_cache = True  # turned off for gradient checkpointing; generation wants it back
     trainer.save_model(str(staging))
     tokenizer.save_pretrained(str(staging))
+    adapter_config = staging / "adapter_config.json"
+    if base_name and adapter_config.is_file():
+        recorded = json.loads(adapter_config.read_text(encoding="utf-8"))
+        recorded["base_model_name_or_path"] = base_name
+        adapter_config.write_text(json.dumps(recorded, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     generation_config = getattr(trainer.model, "generation_config", None)
     if generation_config is not None and not (staging / "generation_config.json").exists():
         generation_config.save_pretrained(str(staging))
