@@ -233,3 +233,14 @@ def test_resume_false_with_checkpoints_needs_overwrite(tmp_path):
                                  "set overwrite_output_dir: true to start over, or drop the key to resume.")
     assert plan_resume(tmp_path, False, overwrite=True) is None
     assert (tmp_path / "checkpoint-3").is_dir(), "planning alone deletes nothing"
+
+
+def test_resuming_with_changed_training_settings_is_named(tmp_path):
+    from ftkit.train.checkpoints import changed_training_keys
+
+    saved = tmp_path / "ftkit_config.yaml"
+    saved.write_text(yaml.safe_dump({"learning_rate": 1e-4, "dataset": ["identity"], "logging_steps": 5}))
+    current = {"learning_rate": 2e-4, "dataset": ["identity"], "logging_steps": 10, "new_key": 1}
+    # logging_steps does not change what is trained; a key the old config lacked is not compared.
+    assert changed_training_keys(saved, current) == ["learning_rate: 0.0001 -> 0.0002"]
+    assert changed_training_keys(tmp_path / "missing.yaml", current) == []

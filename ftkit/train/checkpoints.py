@@ -127,3 +127,24 @@ def checkpoint_step(path: Path) -> int:
     except (OSError, ValueError, KeyError, TypeError):
         match = CHECKPOINT_PATTERN.match(path.name)
         return int(match.group(1)) if match else 0
+
+
+# Keys that may change between a run and its resume without changing what is trained.
+_RESUME_NEUTRAL_KEYS = {
+    "resume_from_checkpoint", "overwrite_output_dir", "logging_steps", "save_steps", "save_total_limit",
+    "report_to", "run_name", "logging_dir", "plot_loss", "dataloader_num_workers", "preprocessing_num_workers",
+    "overwrite_cache", "eval_steps", "per_device_eval_batch_size", "ddp_timeout", "cache_dir", "hf_hub_token",
+    "ms_hub_token",
+}
+
+
+def changed_training_keys(previous_config: Path, current: dict) -> list[str]:
+    """Keys whose value differs from the run being resumed (its saved ftkit_config.yaml), as 'key: old -> new'."""
+    import yaml
+
+    try:
+        previous = yaml.safe_load(previous_config.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    return [f"{key}: {previous.get(key)!r} -> {value!r}" for key, value in current.items()
+            if key not in _RESUME_NEUTRAL_KEYS and key in previous and previous[key] != value]

@@ -11,10 +11,12 @@ import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from rich.console import Console
 from rich.markup import escape
 
@@ -24,6 +26,7 @@ from ftkit.paths import atomic_write_text
 from ftkit.train.checkpoints import (
     FINAL_STAGING_DIR,
     RESULTS_FILE,
+    changed_training_keys,
     clean_staging,
     plan_resume,
     remove_previous_run,
@@ -60,6 +63,8 @@ def run_training(loaded: LoadedConfig) -> TrainResult:
     checkpoint = plan_resume(output_dir, config.resume_from_checkpoint, config.overwrite_output_dir)
     _check_reporters(config)
     started = time.perf_counter()
+    # peft 0.21 calls transformers' deprecated is_gradient_checkpointing on every model; not actionable by users.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
     from ftkit.data.dataset import prepare_dataset
     from ftkit.data.templates import apply_chat_template_to_tokenizer
@@ -92,6 +97,12 @@ def run_training(loaded: LoadedConfig) -> TrainResult:
     layout = "packed rows" if data.packed else "examples"
     _say(f"{len(data.train):,} training {layout}, {data.train_tokens:,} tokens"
          + (f"; {len(data.eval):,} eval examples" if data.eval else ""))
+
+    if checkpoint is not None:
+        changed = changed_training_keys(output_dir / CONFIG_FILE, yaml.safe_load(dump_resolved_config(config)))
+        if changed:
+            _say(f"[yellow]warning[/]: resuming with changed settings ({escape('; '.join(changed))}); the result will "
+                 "not match an uninterrupted run of either config")
 
     # Everything that can be refused has been checked: only now is an earlier run replaced.
     if config.overwrite_output_dir:
@@ -192,7 +203,7 @@ def _build_trainer(config: TrainConfig, model, tokenizer, data, precision: str, 
             bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not _has_accelerator(),
             seed=config.seed, data_seed=config.data_seed, report_to=[r for r in config.report_to if r != "none"],
             run_name=config.run_name, dataloader_num_workers=config.dataloader_num_workers, ddp_timeout=config.ddp_timeout,
-            remove_unused_columns=False, disable_tqdm=True, label_names=["labels"], gradient_checkpointing=False,
+            remove_unused_columns=False, disable_tqdm=True, label_names=["labels"],
             save_only_model=False, **config.extra_training_args,
         )
     except (ValueError, TypeError) as err:
