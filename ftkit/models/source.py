@@ -22,10 +22,10 @@ import difflib
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ftkit.errors import FtkitError
 from ftkit.models.embedded import EMBEDDED_ALIAS, ensure_embedded_model
@@ -248,6 +248,19 @@ def _has_weights(path: Path) -> bool:
     return any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin")) or any(path.glob("adapter_model.*"))
 
 
+def _first_snapshot_with_weights(
+    snapshot_download: Callable[..., str], repo_id: str, pattern_sets: Sequence[list[str]], *, local_only: bool,
+    **kwargs: Any,
+) -> Path:
+    """Try each file-pattern set in turn (safetensors first, then .bin) until a snapshot holds weights."""
+    path = Path()
+    for patterns in pattern_sets:
+        path = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=local_only, **kwargs))
+        if _has_weights(path):
+            break
+    return path
+
+
 def _fetch_from_hf(
     repo_id: str, pattern_sets: Sequence[list[str]], *, revision: str, cache_dir: str | None, token: str | None
 ) -> Path:
@@ -258,15 +271,8 @@ def _fetch_from_hf(
     cache = _hf_cache_dir(cache_dir)
 
     def fetch(local_only: bool) -> Path:
-        path = Path()
-        for patterns in pattern_sets:
-            path = Path(snapshot_download(
-                repo_id, revision=revision, cache_dir=cache, token=token,
-                allow_patterns=patterns, local_files_only=local_only,
-            ))
-            if _has_weights(path):
-                break
-        return path
+        return _first_snapshot_with_weights(snapshot_download, repo_id, pattern_sets, local_only=local_only,
+                                            revision=revision, cache_dir=cache, token=token)
 
     offline = hub_offline()
     online_error: OSError | None = None
@@ -324,15 +330,8 @@ def _fetch_from_modelscope(
     cache = cache_dir or os.environ.get("MODELSCOPE_CACHE")
 
     def fetch(local_only: bool) -> Path:
-        path = Path()
-        for patterns in pattern_sets:
-            path = Path(snapshot_download(
-                repo_id, revision=ms_revision, cache_dir=cache, token=token,
-                allow_patterns=patterns, local_files_only=local_only,
-            ))
-            if _has_weights(path):
-                break
-        return path
+        return _first_snapshot_with_weights(snapshot_download, repo_id, pattern_sets, local_only=local_only,
+                                            revision=ms_revision, cache_dir=cache, token=token)
 
     offline = hub_offline()
     online_error: BaseException | None = None
