@@ -88,7 +88,9 @@ def run_ftkit(workdir: Path) -> dict:
     config = TrainConfig(
         output_dir=str(workdir / "ftkit"), dataset=DATASETS, dataset_dir=str(ROOT / "data"), finetuning_type="lora",
         lora_rank=RANK, lora_target="all", per_device_train_batch_size=BATCH, num_train_epochs=1, learning_rate=LR,
-        logging_steps=5, save_strategy="no", cutoff_len=1024, plot_loss=False, **FTKIT_OPTIONS,
+        logging_steps=5, save_strategy="no", cutoff_len=1024, plot_loss=False,
+        # the forgetting guard adds data and generation trl does not do; bench/forgetting.py measures it
+        replay_ratio=0, system_prompt_variants=False, general_check=False, **FTKIT_OPTIONS,
     )
     result = run_training(LoadedConfig(config=config, path=None))
     metrics = result.metrics

@@ -37,6 +37,7 @@ def identity_adapter(tmp_path_factory) -> Path:
         "identity_author": AUTHOR, "finetuning_type": "lora", "output_dir": str(output_dir), "max_steps": 20,
         "learning_rate": 1e-3, "lr_scheduler_type": "constant", "per_device_train_batch_size": 4,
         "cutoff_len": 128, "logging_steps": 5, "save_strategy": "no", "plot_loss": False,
+        "replay_ratio": 0, "system_prompt_variants": False, "general_check": False,  # see test_forgetting.py
     }))
     return output_dir
 

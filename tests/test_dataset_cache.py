@@ -48,7 +48,7 @@ def data_dir(tmp_path) -> Path:
 
 def make_config(data_dir: Path, **values) -> TrainConfig:
     base = {"dataset": "demo", "dataset_dir": str(data_dir), "output_dir": str(data_dir.parent / "out"),
-            "cutoff_len": 128}
+            "cutoff_len": 128, "replay_ratio": 0}  # replay is tested in test_forgetting.py
     return load_stage_config(TrainConfig, None, {**base, **values}).config
 
 
@@ -225,7 +225,7 @@ def test_detected_format_is_reported_also_from_the_cache(home, data_dir, smollm2
     for expected_cache in (False, True):
         prepared = prepare_dataset(config, smollm2_tokenizer)
         assert prepared.stats[0].from_cache is expected_cache
-        assert prepared.notes == [f"dataset {path}: detected alpaca (instruction/input/output) format"]
+        assert prepared.notes[0] == f"dataset {path}: detected alpaca (instruction/input/output) format"
 
 
 def test_mixing_two_datasets_is_deterministic_with_a_seed(home, data_dir, smollm2_tokenizer):

@@ -45,6 +45,7 @@ def config_file(tiny_llama_dir, tmp_path_factory) -> Path:
         "finetuning_type": "lora", "lora_dropout": 0.1, "max_steps": MAX_STEPS, "save_steps": SAVE_STEPS,
         "logging_steps": 1, "learning_rate": 5e-3, "per_device_train_batch_size": 2,
         "gradient_accumulation_steps": 2, "seed": 7, "output_dir": "set-per-test",
+        "replay_source": "alpaca_en_demo", "replay_ratio": 0.5, "general_check": False,  # replay must resume exactly too
     }))
     return path
 

@@ -122,6 +122,22 @@ class DataSection(Section):
     preprocessing_num_workers: int | None = Field(None, ge=1, description="Worker processes for tokenisation.")
     identity_name: str = Field("Ftkit", description="Fills {{name}} in identity-style datasets.")
     identity_author: str = Field("the ftkit team", description="Fills {{author}} in identity-style datasets.")
+    replay_ratio: float | None = Field(
+        None, ge=0, description="Replay examples mixed in per training example so general behaviour is kept "
+        "(default: 1 for sft on up to 1,000 examples, else 0; 0 turns replay off)."
+    )
+    replay_source: str = Field(
+        "self", description="Where replay comes from: self (the base model's own answers to ftkit's general "
+        "prompts) or a dataset name or path."
+    )
+    system_prompt_variants: bool | None = Field(
+        None, description="Train each conversation with its system prompt swapped in or out by a seeded coin, so "
+        "behaviour holds with and without one (default: on for sft on up to 1,000 examples)."
+    )
+    general_check: bool = Field(
+        True, description="Answer ftkit's held-out general questions before and after training and report "
+        "'general answers kept: X/Y'."
+    )
 
     _split_datasets = field_validator("dataset", "eval_dataset", mode="before")(split_names)
 

@@ -62,6 +62,9 @@ class TrainConfig(TrainingSection, MethodSection, DataSection, ModelSection):
         if self.stage == "pt" and (self.train_on_prompt or self.mask_history):
             key = "train_on_prompt" if self.train_on_prompt else "mask_history"
             found.append((key, f"{key} only applies to stage sft; pre-training trains on every token."))
+        if self.replay_ratio and self.stage == "pt":
+            found.append(("replay_ratio", "replay_ratio only applies to stage sft: pre-training data has no "
+                          "conversations to replay; remove it."))
         if self.eval_strategy in ("steps", "epoch") and not self.val_size and not self.eval_dataset:
             found.append(("eval_strategy", f"eval_strategy {self.eval_strategy} needs an evaluation set: set "
                           "val_size (e.g. 0.1) or eval_dataset, or remove eval_strategy."))

@@ -17,6 +17,7 @@ import os
 import random
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,6 +29,8 @@ from ftkit.data.formats import Conversation, ConversionReport, conversation_text
 from ftkit.data.packing import pack_examples
 from ftkit.data.readers import content_digest, read_records
 from ftkit.data.registry import DatasetSpec, detect_format, resolve_dataset
+from ftkit.data.replay import ReplayPlan, dataset_replay, guard_applies, plan_replay
+from ftkit.data.system_prompts import vary_system_prompts
 from ftkit.errors import FtkitError
 from ftkit.paths import ftkit_home
 
@@ -69,6 +72,9 @@ class PreparedData:
     stats: list[DatasetStats] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     packed: bool = False
+    replay_examples: int = 0
+    replay_plan: ReplayPlan | None = None
+    system_prompt_variants: bool = False
 
     @property
     def train_tokens(self) -> int:
@@ -86,13 +92,14 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return digest.hexdigest()
 
 
-def _cache_key(spec: DatasetSpec, config: Any, tokenizer_digest: str, replacements: dict[str, str]) -> str:
+def _cache_key(spec: DatasetSpec, config: Any, tokenizer_digest: str, replacements: dict[str, str],
+               variants_seed: str | None) -> str:
     payload = {
         "version": CACHE_VERSION, "tokenizer": tokenizer_digest, "stage": config.stage,
         "cutoff_len": config.cutoff_len, "train_on_prompt": config.train_on_prompt,
         "mask_history": config.mask_history, "default_system": config.default_system,
         "replacements": replacements, "spec": spec.fingerprint(), "data": content_digest(spec),
-        "max_samples": config.max_samples,
+        "max_samples": config.max_samples, "system_prompt_variants": variants_seed,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -167,26 +174,49 @@ def read_conversations(spec: DatasetSpec, config: Any) -> tuple[list[Conversatio
     )
 
 
-def encode_dataset(name: str, config: Any, tokenizer: Any, *, use_cache: bool = True
+def _variants_seed(config: Any, name: str, vary_system: bool) -> str | None:
+    return f"{config.seed}:{name}" if vary_system and config.stage == "sft" else None
+
+
+def encode_dataset(name: str, config: Any, tokenizer: Any, *, use_cache: bool = True, vary_system: bool = False
                    ) -> tuple[list[EncodedExample], DatasetStats]:
-    """Read, normalise and encode one dataset (registry name or path), through the cache."""
+    """Read, normalise and encode one dataset (registry name or path), through the cache.
+
+    ``vary_system`` trains each sft conversation in one of its system-prompt variants (see
+    ``ftkit.data.system_prompts``).
+    """
     spec = resolve_dataset(name, config.dataset_dir)
     replacements = identity_replacements(config)
-    cache_file = ftkit_home() / "datasets" / f"{_cache_key(spec, config, tokenizer_fingerprint(tokenizer), replacements)}.npz"
+    variants_seed = _variants_seed(config, name, vary_system)
+    key = _cache_key(spec, config, tokenizer_fingerprint(tokenizer), replacements, variants_seed)
+    cache_file = ftkit_home() / "datasets" / f"{key}.npz"
     if use_cache and not config.overwrite_cache:
         cached = _load_cache(cache_file, name)
         if cached is not None:
             return cached
-    pretraining = config.stage == "pt"
     conversations, report = read_conversations(spec, config)
     stats = DatasetStats(name=name, conversion=report, detected_format=spec.detected)
+    examples = encode_conversations(conversations, config, tokenizer, stats, variants_seed=variants_seed)
+    if use_cache:
+        _save_cache(cache_file, examples, stats)
+    return examples, stats
+
+
+def encode_conversations(conversations: list[Conversation], config: Any, tokenizer: Any, stats: DatasetStats, *,
+                         variants_seed: str | None = None) -> list[EncodedExample]:
+    """Encode conversations with the config's template options, counting what happened in ``stats``."""
+    pretraining = config.stage == "pt"
+    if not pretraining:
+        conversations = [_with_default_system(c, config.default_system) for c in conversations]
+    if variants_seed is not None and not pretraining:
+        conversations = vary_system_prompts(conversations, variants_seed)
     examples: list[EncodedExample] = []
     for conversation in conversations:
         if pretraining:
             pieces = encode_pretrain_text(tokenizer, conversation_text(conversation), cutoff_len=config.cutoff_len)
         else:
             encoded = encode_supervised_example(
-                tokenizer, _with_default_system(conversation, config.default_system), cutoff_len=config.cutoff_len,
+                tokenizer, conversation, cutoff_len=config.cutoff_len,
                 train_on_prompt=config.train_on_prompt, mask_history=config.mask_history,
             )
             if encoded is None:
@@ -198,9 +228,7 @@ def encode_dataset(name: str, config: Any, tokenizer: Any, *, use_cache: bool = 
     stats.encoded = len(examples)
     stats.tokens = sum(len(e.input_ids) for e in examples)
     stats.trained_tokens = sum(sum(1 for t in e.labels if t != -100) for e in examples)
-    if use_cache:
-        _save_cache(cache_file, examples, stats)
-    return examples, stats
+    return examples
 
 
 def mix_datasets(per_dataset: list[list[T]], strategy: str, probs: list[float] | None, seed: int) -> list[T]:
@@ -260,17 +288,48 @@ def _rows(examples: list[EncodedExample], *, pack: bool, cutoff_len: int, seed: 
     return [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
 
 
-def prepare_dataset(config: Any, tokenizer: Any, *, use_cache: bool = True) -> PreparedData:
-    """Everything the trainer needs from the data section of a TrainConfig."""
+ReplayAnswers = Callable[[int], tuple[list[Conversation], str]]  # count -> self-replay conversations, how obtained
+
+
+def _encode_datasets(config: Any, tokenizer: Any, use_cache: bool, vary_system: bool
+                     ) -> tuple[list[list[EncodedExample]], list[DatasetStats], list[str]]:
     per_dataset: list[list[EncodedExample]] = []
     stats: list[DatasetStats] = []
     notes: list[str] = []
     for name in config.dataset:
-        examples, dataset_stats = encode_dataset(name, config, tokenizer, use_cache=use_cache)
+        examples, dataset_stats = encode_dataset(name, config, tokenizer, use_cache=use_cache, vary_system=vary_system)
         if dataset_stats.detected_format:
             notes.append(f"dataset {name}: detected {dataset_stats.detected_format} format")
         per_dataset.append(examples)
         stats.append(dataset_stats)
+    return per_dataset, stats, notes
+
+
+def replay_conversations(config: Any, plan: ReplayPlan, self_replay: ReplayAnswers | None
+                         ) -> tuple[list[Conversation], str | None]:
+    """The replay conversations ``plan`` asks for: self answers through ``self_replay``, or a dataset's."""
+    if plan.is_self:
+        if self_replay is None:
+            raise ValueError("replay_source self needs a self_replay function that can generate answers")
+        return self_replay(plan.count)
+    conversations, _ = read_conversations(resolve_dataset(plan.source, config.dataset_dir), config)
+    return dataset_replay(plan.count, conversations, config.seed), None
+
+
+def prepare_dataset(config: Any, tokenizer: Any, *, use_cache: bool = True,
+                    self_replay: ReplayAnswers | None = None) -> PreparedData:
+    """Everything the trainer needs from the data section of a TrainConfig.
+
+    On a small sft set the forgetting guard adds replay examples (``self_replay`` generates the base
+    model's answers when ``replay_source`` is self) and trains system-prompt variants; see
+    ``ftkit.data.replay`` and ``ftkit.data.system_prompts``.
+    """
+    vary = bool(config.system_prompt_variants) and config.stage == "sft"
+    per_dataset, stats, notes = _encode_datasets(config, tokenizer, use_cache, vary)
+    automatic_variants = config.system_prompt_variants is None and guard_applies(config, sum(map(len, per_dataset)))
+    if automatic_variants:
+        vary = True
+        per_dataset, stats, notes = _encode_datasets(config, tokenizer, use_cache, vary)
     train = mix_datasets(per_dataset, config.mix_strategy, config.interleave_probs, config.seed)
     if not train:
         raise FtkitError(f"dataset {', '.join(config.dataset)} leaves no usable example after encoding with "
@@ -280,9 +339,23 @@ def prepare_dataset(config: Any, tokenizer: Any, *, use_cache: bool = True) -> P
         examples, dataset_stats = encode_dataset(name, config, tokenizer, use_cache=use_cache)
         held_out.extend(examples)
         stats.append(dataset_stats)
+    if automatic_variants:
+        notes.append("system prompts: each example trains with its system prompt kept or swapped (in or out) by a "
+                     "seeded coin, so it works with and without one; system_prompt_variants: false turns it off")
+    plan = plan_replay(config, len(train))
+    replay: list[EncodedExample] = []
+    if plan is not None:
+        conversations, how = replay_conversations(config, plan, self_replay)
+        replay_stats = DatasetStats(name=f"replay ({plan.source})", conversion=ConversionReport(
+            dataset=f"replay ({plan.source})", total=len(conversations), kept=len(conversations)))
+        replay = encode_conversations(conversations, config, tokenizer, replay_stats,
+                                      variants_seed=f"{config.seed}:replay" if vary else None)
+        stats.append(replay_stats)
+        notes.append(plan.notice(len(replay)) + (f"; {how}" if how else ""))
     pack = config.uses_packing
     return PreparedData(
-        train=_rows(train, pack=pack, cutoff_len=config.cutoff_len, seed=config.seed),
+        train=_rows(train + replay, pack=pack, cutoff_len=config.cutoff_len, seed=config.seed),
         eval=_rows(held_out, pack=False, cutoff_len=config.cutoff_len, seed=config.seed),
-        stats=stats, notes=notes, packed=pack,
+        stats=stats, notes=notes, packed=pack, replay_examples=len(replay), replay_plan=plan,
+        system_prompt_variants=vary,
     )

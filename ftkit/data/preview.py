@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ftkit.data.registry import load_registry, spec_from_entry
+from ftkit.data.replay import guard_applies, plan_replay
 
 # Wide enough for the statistics tables when piped to a file (rich assumes 80 columns there).
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
@@ -71,28 +72,81 @@ def preview_dataset(config: Any, *, num_examples: int = 3) -> None:
     for column in ("dataset", "examples", "skipped", "truncated", "dropped", "tokens", "trained", "length min/mean/max"):
         stats_table.add_column(column, justify="right" if column not in ("dataset", "skipped") else "left")
     all_lengths: list[int] = []
+    user_examples = sum(len(encode_dataset(name, config, tokenizer)[0]) for name in config.dataset)
+    vary = config.stage == "sft" and (config.system_prompt_variants if config.system_prompt_variants is not None
+                                      else guard_applies(config, user_examples))
     for name in [*config.dataset, *(config.eval_dataset or [])]:
-        examples, stats = encode_dataset(name, config, tokenizer)
+        examples, stats = encode_dataset(name, config, tokenizer, vary_system=vary and name in config.dataset)
         if stats.detected_format:
             console.print(f"[dim]dataset {name}: detected {stats.detected_format} format[/]")
-        for index, example in enumerate(examples[:num_examples]):
-            trained = sum(1 for t in example.labels if t != -100)
-            console.rule(f"{name} #{index}: {len(example.input_ids)} tokens, {trained} trained")
-            console.print(highlighted(tokenizer, example.input_ids, example.labels))
-        lengths = [len(e.input_ids) for e in examples]
-        all_lengths.extend(lengths)
-        skipped = ", ".join(f"{n} {reason}" for reason, n in stats.conversion.skipped.most_common()) or "-"
-        stats_table.add_row(
-            name, f"{stats.encoded:,}/{stats.conversion.total:,}", skipped, str(stats.truncated),
-            str(stats.dropped_no_trained_tokens), f"{stats.tokens:,}", f"{stats.trained_tokens:,}",
-            f"{min(lengths)}/{sum(lengths) / len(lengths):.0f}/{max(lengths)}" if lengths else "-",
-        )
+        all_lengths.extend(_show(tokenizer, name, examples, stats, num_examples, stats_table))
+    plan = plan_replay(config, user_examples)
+    if plan is not None:
+        all_lengths.extend(_preview_replay(config, tokenizer, template, plan, vary, num_examples, stats_table))
     console.print()
     console.print(stats_table)
     if all_lengths:
         waste = padding_stats(all_lengths, config.per_device_train_batch_size, packing=True,
                               cutoff_len=config.cutoff_len)
         _print_padding(waste, config)
+
+
+def _show(tokenizer: Any, name: str, examples: list, stats: Any, num_examples: int, table: Table,
+          label: str = "", planned: str = "") -> list[int]:
+    """Print the first examples of one dataset and add its row to the statistics table; returns lengths."""
+    for index, example in enumerate(examples[:num_examples]):
+        trained = sum(1 for t in example.labels if t != -100)
+        console.rule(f"{label}{name} #{index}: {len(example.input_ids)} tokens, {trained} trained")
+        console.print(highlighted(tokenizer, example.input_ids, example.labels))
+    lengths = [len(e.input_ids) for e in examples]
+    skipped = ", ".join(f"{n} {reason}" for reason, n in stats.conversion.skipped.most_common()) or "-"
+    table.add_row(
+        name, planned or f"{stats.encoded:,}/{stats.conversion.total:,}", skipped, str(stats.truncated),
+        str(stats.dropped_no_trained_tokens), f"{stats.tokens:,}", f"{stats.trained_tokens:,}",
+        f"{min(lengths)}/{sum(lengths) / len(lengths):.0f}/{max(lengths)}" if lengths else "-",
+    )
+    return lengths
+
+
+def _preview_replay(config: Any, tokenizer: Any, template: Any, plan: Any, vary: bool, num_examples: int,
+                    table: Table) -> list[int]:
+    """Show the replay examples a run mixes in, marked as replay.
+
+    Self-replay answers come from the answer cache; when it lacks them, only the few shown are generated
+    now (loading the model), the rest at train time.
+    """
+    from ftkit.data.dataset import DatasetStats, encode_conversations, replay_conversations
+    from ftkit.data.formats import ConversionReport
+    from ftkit.models import load_model, model_source_from_config, resolve_load_dtype, resolve_mixed_precision
+    from ftkit.models.precision import default_device
+    from ftkit.train.answers import BaseModelAnswers
+
+    device = default_device()
+    dtype = resolve_load_dtype(resolve_mixed_precision(config.bf16, config.fp16, device), config.finetuning_type)
+    source = model_source_from_config(config)
+    model: list[Any] = []
+
+    def base_model():
+        if not model:
+            model.append(load_model(source, dtype=dtype, quantization_bits=config.quantization_bits, device=device))
+        return model[0]
+
+    answers = BaseModelAnswers(config, source, template.jinja, dtype, tokenizer, base_model,
+                               report=lambda m: console.print(f"[dim]{m}[/]"))
+    if plan.is_self:
+        cached = answers.self_replay_cached(plan.count)
+        conversations = cached if len(cached) >= min(num_examples, plan.count) else answers.self_replay(num_examples)[0]
+        planned = f"{plan.count:,} planned, {len(cached):,} cached"
+    else:
+        conversations, _ = replay_conversations(config, plan, None)
+        planned = f"{len(conversations):,} planned"
+    name = f"replay ({plan.source})"
+    stats = DatasetStats(name=name, conversion=ConversionReport(dataset=name, total=len(conversations),
+                                                                kept=len(conversations)))
+    examples = encode_conversations(conversations, config, tokenizer, stats,
+                                    variants_seed=f"{config.seed}:replay" if vary else None)
+    console.print(f"[dim]{plan.notice(plan.count)}[/]")
+    return _show(tokenizer, name, examples, stats, num_examples, table, label="[REPLAY] ", planned=planned)
 
 
 def _print_padding(waste: dict[str, Any], config: Any) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ftkit.data.templates import end_of_turn_token, render_conversation
 
@@ -45,8 +46,14 @@ def generate_replies(
     temperature: float = 0.0,
     batch_size: int = 16,
     streamer: Any = None,
+    stop_batch_when_finished: float | None = None,
 ) -> list[Reply]:
-    """Generate one reply per conversation (greedy when temperature is 0), in batches."""
+    """Generate one reply per conversation (greedy when temperature is 0), in batches.
+
+    ``stop_batch_when_finished`` (a fraction) ends a batch as soon as that share of its rows has finished:
+    a static batch otherwise runs until its longest answer ends, and callers that only need *some* finished
+    answers (the self-replay set) would wait on the slowest row. Rows cut short come back unfinished.
+    """
     stops = stop_token_ids(tokenizer)
     device = next(model.parameters()).device
     replies: list[Reply] = []
@@ -59,8 +66,13 @@ def generate_replies(
             encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95} if temperature > 0 else {
                 "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+            criteria = None
+            if stop_batch_when_finished is not None:
+                criteria = StoppingCriteriaList(
+                    [_EnoughFinished(encoded["input_ids"].shape[1], stops, stop_batch_when_finished)])
             output = model.generate(**encoded, max_new_tokens=max_new_tokens, eos_token_id=stops,
-                                    pad_token_id=tokenizer.pad_token_id, streamer=streamer, **sampling)
+                                    pad_token_id=tokenizer.pad_token_id, streamer=streamer,
+                                    stopping_criteria=criteria, **sampling)
             for row in output[:, encoded["input_ids"].shape[1]:].tolist():
                 ids, finished = _cut_at_stop(row, stops)
                 replies.append(Reply(tokenizer.decode(ids, skip_special_tokens=True).strip(), ids, finished))
@@ -74,3 +86,17 @@ def _cut_at_stop(ids: list[int], stops: list[int]) -> tuple[list[int], bool]:
         if token in stops:
             return ids[:index], True
     return ids, False
+
+
+class _EnoughFinished(StoppingCriteria):
+    """A transformers stopping criterion: stop every row once ``fraction`` of the batch has finished."""
+
+    def __init__(self, prompt_length: int, stops: list[int], fraction: float) -> None:
+        self.prompt_length, self.fraction = prompt_length, fraction
+        self.stops = torch.tensor(stops)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        finished = torch.isin(input_ids[:, self.prompt_length:], self.stops.to(input_ids.device)).any(dim=1)
+        if finished.float().mean().item() >= self.fraction:
+            return torch.ones_like(finished)
+        return finished

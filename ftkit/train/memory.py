@@ -3,9 +3,9 @@
 Gradient checkpointing recomputes every layer's forward pass during backward: about a third more
 compute, measured here on the embedded model (272 vs. 174 tokens/s). It only pays when activations are
 large. LLaMA-Factory and trl turn it on always; ftkit leaves it off only when the largest batch's
-activations fit both in a fifth of the training device's free memory and in twice the model's fp32
-weights (so a run's memory stays of the order of a full fine-tune's weights and optimizer state),
-and says which way it decided.
+activations fit both in a fifth of the training device's free memory and in three times the model's
+fp32 weights (so a run's memory stays below a full fine-tune's fp32 weights and Adam state, four
+times the weights), and says which way it decided.
 
 The estimate follows Korthikanti et al. (2022), "Reducing Activation Recomputation in Large Transformer
 Models": per token and layer a transformer stores about 7·hidden + 2.5·intermediate values (34·h bytes
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 SHARE_OF_FREE_MEMORY = 0.2
-WEIGHT_MULTIPLE = 2
+WEIGHT_MULTIPLE = 3
 
 
 @dataclass(frozen=True)

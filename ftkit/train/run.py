@@ -23,6 +23,7 @@ from rich.markup import escape
 from ftkit.config import LoadedConfig, TrainConfig, dump_resolved_config
 from ftkit.errors import FtkitError
 from ftkit.paths import atomic_write_text
+from ftkit.train.answers import BaseModelAnswers
 from ftkit.train.checkpoints import (
     FINAL_STAGING_DIR,
     RESULTS_FILE,
@@ -89,7 +90,22 @@ def run_training(loaded: LoadedConfig) -> TrainResult:
     if template.note:
         _say(escape(template.note))
 
-    data = prepare_dataset(config, tokenizer)
+    from transformers import set_seed
+
+    load_dtype = resolve_load_dtype(precision, config.finetuning_type)
+    loaded_model: list[Any] = []
+
+    def base_model():
+        """The model to train, loaded on first use: self-replay generation may need it while data is prepared."""
+        if not loaded_model:
+            loaded_model.append(load_model(
+                source, dtype=load_dtype, quantization_bits=config.quantization_bits,
+                quantization_type=config.quantization_type, double_quantization=config.double_quantization,
+                attn_implementation=config.flash_attn, trust_remote_code=config.trust_remote_code, device=device))
+        return loaded_model[0]
+
+    answers = BaseModelAnswers(config, source, template.jinja, load_dtype, tokenizer, base_model, report=_say)
+    data = prepare_dataset(config, tokenizer, self_replay=answers.self_replay)
     for note in data.notes:
         _say(escape(note))
     for stats in data.stats:
@@ -111,14 +127,9 @@ def run_training(loaded: LoadedConfig) -> TrainResult:
     clean_staging(output_dir)
     atomic_write_text(output_dir / CONFIG_FILE, dump_resolved_config(config))
 
-    from transformers import set_seed
-
+    model = base_model()
+    check = answers.general_check() if config.general_check else None
     set_seed(config.seed)  # before the adapter is created: its random init must repeat from run to run
-    model = load_model(source, dtype=resolve_load_dtype(precision, config.finetuning_type),
-                       quantization_bits=config.quantization_bits, quantization_type=config.quantization_type,
-                       double_quantization=config.double_quantization,
-                       attn_implementation=config.flash_attn, trust_remote_code=config.trust_remote_code,
-                       device=device)
     padding_free = _padding_free(config, model, data.packed)
     checkpointing = decide_gradient_checkpointing(
         config.checkpointing_choice, model.config,
@@ -151,8 +162,16 @@ def run_training(loaded: LoadedConfig) -> TrainResult:
         from ftkit.train.callbacks import plot_loss
 
         plot_loss(output_dir)
-    atomic_write_text(output_dir / RESULTS_FILE, json.dumps(metrics, indent=2) + "\n")
+    metrics["replay_examples"] = data.replay_examples
+    warning = None
+    if check is not None:
+        result = answers.general_result(check, trainer.model)
+        metrics.update(result.metrics())
+        warning = result.warning(config, data.replay_examples)
+    atomic_write_text(output_dir / RESULTS_FILE, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     _print_summary(metrics, output_dir, config)
+    if warning:
+        _say(f"[yellow]warning[/]: {escape(warning)}")
     return TrainResult(output_dir=output_dir, metrics=metrics)
 
 
@@ -284,6 +303,8 @@ def _print_summary(metrics: dict[str, Any], output_dir: Path, config: TrainConfi
         parts.append(f"{metrics['tokens_per_second']:.0f} tokens/s")
     if "eval_loss" in metrics:
         parts.append(f"eval loss {metrics['eval_loss']:.4f}")
+    if metrics.get("general_answers_base_right"):
+        parts.append(f"general answers kept {metrics['general_answers_kept']}/{metrics['general_answers_base_right']}")
     _say("[green]done[/]: " + ", ".join(parts))
     what = "adapter" if config.uses_lora else "model"
     _say(f"{what}, logs and plot in {escape(str(output_dir))}/")

@@ -1,0 +1,5 @@
+"""``python -m ftkit`` is the ``ftkit`` command."""
+
+from ftkit.cli import main
+
+main()

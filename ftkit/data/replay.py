@@ -1,0 +1,233 @@
+"""Replay: general examples mixed into a small fine-tune so it teaches without erasing.
+
+A few dozen identity or format examples, trained for a few epochs, pull every answer of a small model
+toward them (measured in bench/forgetting.py: with replay off the held-out general answers collapse into
+the identity sentence). Mixing in general examples fixes that, but someone else's answers teach their
+own style and mistakes. ``replay_source: self`` therefore replays the *base model's own* greedy answers
+to prompts ftkit ships (``resources/replay/general_prompts.jsonl``): the pull is toward what the model
+already did, so the replay teaches nothing new. ``replay_source`` may instead name any dataset.
+
+The self answers are generated once per model and cached under ``$FTKIT_HOME/answers`` (an
+``AnswerCache``), keyed on the model files, the chat template and the generation settings. No library
+offers this: it is a cache of one model's greedy answers, so it is written here.
+
+Defaults (see docs in the README): for stage sft on at most ``SMALL_SFT_SET`` examples, replay is on with
+``DEFAULT_REPLAY_RATIO`` replay examples per training example. Larger sets dilute the pull on their own,
+and generating hundreds of answers on a CPU would cost more than it saves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ftkit.data.formats import Conversation
+from ftkit.paths import atomic_write_text, ftkit_home, package_resource
+
+SMALL_SFT_SET = 1000  # training examples up to which the guard (replay, system-prompt variants) is on
+DEFAULT_REPLAY_RATIO = 0.5  # replay examples per training example when replay is on by default
+REPLAY_MAX_NEW_TOKENS = 128  # longer answers of a 135M model mostly loop; unfinished answers are not replayed
+GENERATION_BATCH = 64
+# A static batch runs until its longest answer ends; the replay set only needs finished answers, so a batch
+# stops once this share of it has finished (measured: 2x fewer decoding steps for the same yield).
+REPLAY_BATCH_FINISHED = 0.5
+ANSWER_CACHE_VERSION = 1
+
+Generate = Callable[[Sequence[Conversation]], list[Any]]  # conversations -> replies with .text/.token_ids/.finished
+
+
+def guard_applies(config: Any, user_examples: int) -> bool:
+    """Whether the forgetting guard's defaults apply: supervised fine-tuning on a small set."""
+    return config.stage == "sft" and user_examples <= SMALL_SFT_SET
+
+
+@dataclass
+class ReplayPlan:
+    """How many replay examples a run mixes in, from where, and why."""
+
+    source: str
+    ratio: float
+    count: int
+    automatic: bool
+    user_examples: int
+
+    @property
+    def is_self(self) -> bool:
+        return self.source == "self"
+
+    def notice(self, found: int) -> str:
+        what = "the base model's own answers to ftkit's general prompts" if self.is_self else f"dataset {self.source}"
+        short = f" (only {found} available)" if found < self.count else ""
+        line = (f"forgetting guard: mixing {found} replay examples{short} ({self.ratio:g} per training example) from "
+                f"{what}")
+        if self.automatic:
+            line += (f"; on by default for sft on up to {SMALL_SFT_SET:,} examples, set replay_ratio: 0 to turn it "
+                     "off")
+        return line
+
+
+def plan_replay(config: Any, user_examples: int) -> ReplayPlan | None:
+    """The replay for this config and training-set size, or None when replay is off."""
+    automatic = config.replay_ratio is None
+    ratio = (DEFAULT_REPLAY_RATIO if guard_applies(config, user_examples) else 0.0) if automatic else config.replay_ratio
+    count = round(ratio * user_examples)
+    if count <= 0 or config.stage != "sft":
+        return None
+    return ReplayPlan(config.replay_source, ratio, count, automatic, user_examples)
+
+
+def read_prompts(name: str) -> list[dict[str, Any]]:
+    """A shipped prompt set (``general_prompts`` or ``heldout_general``), one JSON object per line."""
+    path = package_resource("replay", f"{name}.jsonl")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def replay_prompt_order() -> list[str]:
+    """The shipped general prompts in a fixed shuffled order: every run asks for a prefix of it, so the
+    cache serves runs of any size and seed, and a prefix mixes every kind of prompt."""
+    prompts = [row["prompt"] for row in read_prompts("general_prompts")]
+    random.Random(0).shuffle(prompts)
+    return prompts
+
+
+def model_fingerprint(path: Path, gguf_file: str | None = None) -> dict[str, Any]:
+    """What identifies a model's weights cheaply: its config and each weight file's name, size and mtime."""
+    path = Path(path)
+    files = [path / gguf_file] if gguf_file else sorted(
+        p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf", ".pt") or p.name == "config.json"
+    ) if path.is_dir() else [path]
+    return {"path": str(path.resolve()),
+            "files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.exists()]}
+
+
+@dataclass
+class Answer:
+    text: str
+    tokens: int
+    finished: bool
+
+
+@dataclass
+class AnswerCache:
+    """One model's greedy answers to prompts, stored as JSON lines under ``$FTKIT_HOME/answers/<key>.jsonl``.
+
+    The key covers the model files, the chat template, the load dtype/quantization and the generation
+    settings; a changed model or template starts a new file. Writes are atomic, after every batch, so an
+    interrupted generation keeps what it finished.
+    """
+
+    key: str
+    answers: dict[str, Answer] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, **identity: Any) -> AnswerCache:
+        payload = json.dumps({"version": ANSWER_CACHE_VERSION, **identity}, sort_keys=True, default=str)
+        cache = cls(hashlib.sha256(payload.encode()).hexdigest()[:32])
+        if cache.path.is_file():
+            for line in cache.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                    cache.answers[row["prompt"]] = Answer(row["text"], int(row["tokens"]), bool(row["finished"]))
+                except (ValueError, KeyError, TypeError):
+                    continue  # a damaged line is regenerated
+        return cache
+
+    @property
+    def path(self) -> Path:
+        return ftkit_home() / "answers" / f"{self.key}.jsonl"
+
+    def save(self) -> None:
+        lines = [json.dumps({"prompt": p, "text": a.text, "tokens": a.tokens, "finished": a.finished},
+                            ensure_ascii=False) for p, a in self.answers.items()]
+        atomic_write_text(self.path, "\n".join(lines) + "\n")
+
+    def fill(self, prompts: Sequence[str], generate: Generate, *, desc: str, batch_size: int = GENERATION_BATCH,
+             key: Callable[[str], str] = lambda prompt: prompt) -> GenerationReport:
+        """Generate the answers ``prompts`` still lack, in batches, and report the time.
+
+        Answers are stored under ``key(prompt)`` (a variant of the question, e.g. with a system prompt).
+        """
+        from tqdm import tqdm
+
+        missing = [p for p in dict.fromkeys(prompts) if key(p) not in self.answers]
+        report = GenerationReport(cached=len(prompts) - len(missing))
+        if not missing:
+            return report
+        started = time.perf_counter()
+        with tqdm(total=len(missing), desc=desc, unit="answer", dynamic_ncols=True, leave=False) as bar:
+            for start in range(0, len(missing), batch_size):
+                batch = missing[start:start + batch_size]
+                replies = generate([[{"role": "user", "content": p}] for p in batch])
+                for prompt, reply in zip(batch, replies, strict=True):
+                    self.answers[key(prompt)] = Answer(reply.text, len(reply.token_ids), bool(reply.finished))
+                    report.tokens += len(reply.token_ids)
+                report.generated += len(batch)
+                self.save()
+                bar.update(len(batch))
+        report.seconds = time.perf_counter() - started
+        return report
+
+
+@dataclass
+class GenerationReport:
+    cached: int = 0
+    generated: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def merge(self, other: GenerationReport) -> None:
+        self.cached += other.cached
+        self.generated += other.generated
+        self.tokens += other.tokens
+        self.seconds += other.seconds
+
+    def summary(self) -> str:
+        if not self.generated:
+            return f"{self.cached} answers from cache"
+        rate = self.tokens / self.seconds if self.seconds else 0.0
+        return (f"generated {self.generated} answers in {self.seconds:.0f} s ({rate:.0f} tokens/s)"
+                + (f", {self.cached} from cache" if self.cached else ""))
+
+
+def self_replay(count: int, cache: AnswerCache, generate: Generate | None
+                ) -> tuple[list[Conversation], GenerationReport]:
+    """``count`` conversations of a shipped prompt and the base model's finished answer to it.
+
+    Prompts are taken in ``replay_prompt_order``. Answers that hit ``REPLAY_MAX_NEW_TOKENS`` (mostly
+    loops) or were cut when their batch stopped (``REPLAY_BATCH_FINISHED``) are skipped. Each batch is
+    sized for the answers still missing (about half of a batch finishes), so a run that needs 50 answers
+    does not generate 128. With ``generate`` None only cached answers are used.
+    """
+    order = replay_prompt_order()
+
+    def usable(prompt: str) -> bool:
+        answer = cache.answers.get(prompt)
+        return answer is not None and answer.finished and bool(answer.text.strip())
+
+    report = GenerationReport()
+    position = 0
+    while generate is not None and position < len(order):
+        missing = count - sum(usable(p) for p in order[:position])
+        if missing <= 0:
+            break
+        size = min(GENERATION_BATCH, 2 * missing + 8)
+        report.merge(cache.fill(order[position:position + size], generate, desc="replay answers", batch_size=size))
+        position += size
+    chosen = [p for p in order if usable(p)][:count]
+    if generate is None:
+        report.cached = len(chosen)
+    return [[{"role": "user", "content": p}, {"role": "assistant", "content": cache.answers[p].text}]
+            for p in chosen], report
+
+
+def dataset_replay(count: int, conversations: list[Conversation], seed: int) -> list[Conversation]:
+    """``count`` conversations drawn from a replay dataset without repeats (all of it if it is smaller)."""
+    if len(conversations) <= count:
+        return list(conversations)
+    return random.Random(seed).sample(conversations, count)
