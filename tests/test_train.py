@@ -25,7 +25,7 @@ from ftkit.train.trainer import SeededLengthGroupedSampler
 
 RESULT_KEYS = {
     "train_loss", "global_step", "epoch", "train_runtime_seconds", "tokens_per_second", "tokens_this_process",
-    "train_examples", "resumed_from_step", "total_seconds",
+    "train_examples", "resumed_from_step", "total_seconds", "replay_examples",
 }
 LOG_KEYS = {"step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second", "elapsed_seconds"}
 

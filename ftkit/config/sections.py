@@ -124,7 +124,7 @@ class DataSection(Section):
     identity_author: str = Field("the ftkit team", description="Fills {{author}} in identity-style datasets.")
     replay_ratio: float | None = Field(
         None, ge=0, description="Replay examples mixed in per training example so general behaviour is kept "
-        "(default: 1 for sft on up to 1,000 examples, else 0; 0 turns replay off)."
+        "(default: 0.5 for sft on up to 1,000 examples, else 0; 0 turns replay off)."
     )
     replay_source: str = Field(
         "self", description="Where replay comes from: self (the base model's own answers to ftkit's general "

@@ -5,8 +5,8 @@ replay prompts), each with the keywords a right answer contains. Before training
 them (greedy, ``HELDOUT_MAX_NEW_TOKENS``; cached per model, like the replay answers); after training the
 trained model answers them again.
 
-The rule: an answer is *right* when it contains one of the question's keywords as a whole word
-(case-insensitive). ``Y`` is the number of questions the base model gets right both with no system
+The rule: an answer is *right* when its first sentence contains one of the question's keywords as a
+whole word (case-insensitive). ``Y`` is the number of questions the base model gets right both with no system
 prompt and with a generic one ("You are a helpful assistant."), ``X`` the number of those the trained
 model still gets right (asked with no system prompt, as ``ftkit chat`` does). Questions the base model
 gets wrong say nothing about forgetting; those it gets right under only one of the two prompts are
@@ -24,23 +24,31 @@ from typing import Any
 from ftkit.data.replay import AnswerCache, Generate, GenerationReport, read_prompts
 
 HELDOUT_MAX_NEW_TOKENS = 32  # the keyword of a right answer comes in the first sentence
-WARN_BELOW = 0.8  # kept fraction under which a run warns
+WARN_BELOW = 0.8  # kept fraction under which a run warns: more than one in five lost
 
 
 def heldout_questions() -> list[dict[str, Any]]:
     return read_prompts("heldout_general")
 
 
-def is_right(answer: str, expected: list[str]) -> bool:
-    """Whether ``answer`` contains one of ``expected`` as a whole word, ignoring case.
+def first_sentence(answer: str) -> str:
+    """The answer up to its first sentence end (., !, ? before a space; 。; a line break)."""
+    return re.split(r"(?<=[.!?])\s+|\n|。", answer.strip(), maxsplit=1)[0]
 
-    Word edges are checked only where the keyword starts or ends with a Latin letter or digit ("4" is not
-    in "40"); Chinese has no spaces between words, so a Chinese keyword is a plain substring.
+
+def is_right(answer: str, expected: list[str]) -> bool:
+    """Whether the first sentence of ``answer`` contains one of ``expected`` as a whole word, ignoring case.
+
+    Only the first sentence counts: a small model that starts wrong often names the right word later
+    ("The planet we live on is called Kepler-41B. It's ... similar to Earth"). Word edges are checked only
+    where the keyword starts or ends with a Latin letter or digit ("60" is not in "3600"); Chinese has no
+    spaces between words, so a Chinese keyword is a plain substring.
     """
+    sentence = first_sentence(answer)
     for word in expected:
         left = r"(?<![A-Za-z0-9])" if word[:1].isascii() and word[:1].isalnum() else ""
         right = r"(?![A-Za-z0-9])" if word[-1:].isascii() and word[-1:].isalnum() else ""
-        if re.search(left + re.escape(word) + right, answer, flags=re.IGNORECASE):
+        if re.search(left + re.escape(word) + right, sentence, flags=re.IGNORECASE):
             return True
     return False
 
@@ -118,7 +126,7 @@ class GeneralResult:
             return f"general answers kept: n/a (the base model answered none of the {self.questions} questions right)"
         text = f"general answers kept: {self.kept}/{self.base_right}"
         if self.identity_leaks:
-            text += f", {self.identity_leaks} answers mention the new identity"
+            text += f", {self.identity_leaks} mention{'s' if self.identity_leaks == 1 else ''} the new identity"
         return text
 
     def metrics(self) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from rich.markup import escape
 from ftkit.config import LoadedConfig, TrainConfig, dump_resolved_config
 from ftkit.errors import FtkitError
 from ftkit.paths import atomic_write_text
-from ftkit.train.answers import BaseModelAnswers
+from ftkit.train.answers import BaseModelAnswers, general_check_dtype
 from ftkit.train.checkpoints import (
     FINAL_STAGING_DIR,
     RESULTS_FILE,
@@ -104,7 +104,24 @@ def run_training(loaded: LoadedConfig) -> TrainResult:
                 attn_implementation=config.flash_attn, trust_remote_code=config.trust_remote_code, device=device))
         return loaded_model[0]
 
-    answers = BaseModelAnswers(config, source, template.jinja, load_dtype, tokenizer, base_model, report=_say)
+    check_dtype = general_check_dtype(device, load_dtype)
+
+    def check_model(adapters: list[str]):
+        """The base in the check dtype with ``adapters`` merged, as ``ftkit chat`` loads it."""
+        from ftkit.models import load_adapters, sync_special_tokens
+
+        model = load_model(source, dtype=check_dtype, attn_implementation=config.flash_attn,
+                           trust_remote_code=config.trust_remote_code, device=device)
+        model = load_adapters(model, adapters, trainable=False)
+        sync_special_tokens(model, tokenizer)
+        return model
+
+    # A separate check model only where the training model differs from it (a bf16 or quantized base on a
+    # CPU); a run continuing earlier adapters checks the model it trains.
+    separate_check = (check_dtype != load_dtype or config.quantization_bits is not None) and config.uses_lora \
+        and not config.adapter_name_or_path
+    answers = BaseModelAnswers(config, source, template.jinja, load_dtype, tokenizer, base_model, report=_say,
+                               check_model=check_model if separate_check else None, check_dtype=check_dtype)
     data = prepare_dataset(config, tokenizer, self_replay=answers.self_replay)
     for note in data.notes:
         _say(escape(note))
@@ -127,8 +144,8 @@ def run_training(loaded: LoadedConfig) -> TrainResult:
     clean_staging(output_dir)
     atomic_write_text(output_dir / CONFIG_FILE, dump_resolved_config(config))
 
-    model = base_model()
     check = answers.general_check() if config.general_check else None
+    model = base_model()
     set_seed(config.seed)  # before the adapter is created: its random init must repeat from run to run
     padding_free = _padding_free(config, model, data.packed)
     checkpointing = decide_gradient_checkpointing(
@@ -165,7 +182,7 @@ def run_training(loaded: LoadedConfig) -> TrainResult:
     metrics["replay_examples"] = data.replay_examples
     warning = None
     if check is not None:
-        result = answers.general_result(check, trainer.model)
+        result = answers.general_result(check, trainer.model, output_dir)
         metrics.update(result.metrics())
         warning = result.warning(config, data.replay_examples)
     atomic_write_text(output_dir / RESULTS_FILE, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
