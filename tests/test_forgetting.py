@@ -1,8 +1,10 @@
 """The forgetting guard: replay planning and mixing, system-prompt variants, the answer cache, the general check.
 
 The fast tests use the real SmolLM2 tokenizer, the shipped datasets and the tiny random model; the slow
-one fine-tunes the real embedded model with the shipped identity data and the defaults and checks that
-the new identity shows with and without a system prompt and that most general answers are kept.
+ones fine-tune the real embedded model with the shipped identity data: with the defaults (the new
+identity shows with and without a system prompt, 9 in 10 general answers are kept) and at an
+aggressive learning rate with replay off and on (off loses general answers and warns; on keeps them),
+so the tests prove the guard does something.
 """
 
 from __future__ import annotations
@@ -259,14 +261,29 @@ def test_guard_on_by_default_teaches_the_identity_and_keeps_general_answers(tmp_
     assert "forgetting guard: mixing 50 replay examples" in err and "replay_ratio: 0" in err
     metrics = result.metrics
     assert metrics["replay_examples"] == 50
-    # The base model gets at least 15 held-out questions right (the check means something). The issue's
-    # target is 9 in 10 kept; measured 18/21 (bench/forgetting.py), so this guards against regressions only.
+    # The base model gets at least 15 held-out questions right (the check means something) and the
+    # fine-tune keeps at least 9 in 10 of them (measured 20/21; 18/21 with replay off).
     assert metrics["general_answers_base_right"] >= 15
-    assert metrics["general_answers_kept"] >= 0.75 * metrics["general_answers_base_right"], metrics["general_answers_lost"]
+    assert metrics["general_answers_kept"] >= 0.9 * metrics["general_answers_base_right"], metrics["general_answers_lost"]
+    assert "warning" not in err
     name, author = keys["identity_name"], keys["identity_author"]
     for system, at_least in ((None, 8), (SYSTEM_AT_TEST, 7)):
         answers = identity_answers(tmp_path / "guarded", system)
         assert identity_hits(answers, name, author) >= at_least, (system, answers)
+
+
+@pytest.mark.slow
+def test_at_an_aggressive_learning_rate_no_replay_loses_general_answers_that_replay_keeps(tmp_path, capsys):
+    unguarded = run_training(load_stage_config(TrainConfig, None, quickstart_keys(
+        tmp_path / "unguarded", replay_ratio=0, learning_rate=2e-3))).metrics
+    err = capsys.readouterr().err
+    guarded = run_training(load_stage_config(TrainConfig, None, quickstart_keys(
+        tmp_path / "guarded", learning_rate=2e-3))).metrics
+    right = unguarded["general_answers_base_right"]
+    # measured 17/21 without replay, 20/21 with it (bench/README.md)
+    assert unguarded["general_answers_kept"] < 0.9 * right, unguarded["general_answers_lost"]
+    assert "warning" in err and "no replay" in err and "learning_rate 0.002" in err
+    assert guarded["general_answers_kept"] >= unguarded["general_answers_kept"] + 2, guarded["general_answers_lost"]
 
 
 def test_data_preview_shows_replay_examples_marked_as_replay(tmp_path):

@@ -32,10 +32,15 @@ from ftkit.paths import atomic_write_text, ftkit_home, package_resource
 
 SMALL_SFT_SET = 1000  # training examples up to which the guard (replay, system-prompt variants) is on
 DEFAULT_REPLAY_RATIO = 0.5  # replay examples per training example when replay is on by default
-REPLAY_MAX_NEW_TOKENS = 128  # longer answers of a 135M model mostly loop; unfinished answers are not replayed
-GENERATION_BATCH = 64
+# Replay answers are short, like the question/answer pairs of a typical first fine-tune: that is where a
+# small model forgets (answers to easy questions flip), and replaying short answers anchors it there.
+# Measured on the identity quickstart (bench/README.md): answers up to 48 tokens kept 20/21 general answers
+# where answers up to 128 tokens kept 18/21, the same as no replay. Unfinished answers are not replayed.
+REPLAY_MAX_NEW_TOKENS = 48
+FINISHED_SHARE = 0.25  # about a quarter of the shipped prompts get an answer within REPLAY_MAX_NEW_TOKENS
+GENERATION_BATCH = 96  # decoding a 135M model on a CPU is overhead-bound: wide batches are nearly free
 # A static batch runs until its longest answer ends; the replay set only needs finished answers, so a batch
-# stops once this share of it has finished (measured: 2x fewer decoding steps for the same yield).
+# stops once this share of it has finished.
 REPLAY_BATCH_FINISHED = 0.5
 ANSWER_CACHE_VERSION = 1
 
@@ -148,14 +153,16 @@ class AnswerCache:
         atomic_write_text(self.path, "\n".join(lines) + "\n")
 
     def fill(self, prompts: Sequence[str], generate: Generate, *, desc: str, batch_size: int = GENERATION_BATCH,
-             key: Callable[[str], str] = lambda prompt: prompt) -> GenerationReport:
+             conversation: Callable[[str], Conversation] | None = None) -> GenerationReport:
         """Generate the answers ``prompts`` still lack, in batches, and report the time.
 
-        Answers are stored under ``key(prompt)`` (a variant of the question, e.g. with a system prompt).
+        Answers are stored under the prompt; ``conversation(prompt)`` builds what the model is asked (by
+        default the prompt as one user message; a variant may add a system prompt).
         """
         from tqdm import tqdm
 
-        missing = [p for p in dict.fromkeys(prompts) if key(p) not in self.answers]
+        ask = conversation or (lambda prompt: [{"role": "user", "content": prompt}])
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.answers]
         report = GenerationReport(cached=len(prompts) - len(missing))
         if not missing:
             return report
@@ -163,9 +170,9 @@ class AnswerCache:
         with tqdm(total=len(missing), desc=desc, unit="answer", dynamic_ncols=True, leave=False) as bar:
             for start in range(0, len(missing), batch_size):
                 batch = missing[start:start + batch_size]
-                replies = generate([[{"role": "user", "content": p}] for p in batch])
+                replies = generate([ask(p) for p in batch])
                 for prompt, reply in zip(batch, replies, strict=True):
-                    self.answers[key(prompt)] = Answer(reply.text, len(reply.token_ids), bool(reply.finished))
+                    self.answers[prompt] = Answer(reply.text, len(reply.token_ids), bool(reply.finished))
                     report.tokens += len(reply.token_ids)
                 report.generated += len(batch)
                 self.save()
@@ -201,8 +208,8 @@ def self_replay(count: int, cache: AnswerCache, generate: Generate | None
 
     Prompts are taken in ``replay_prompt_order``. Answers that hit ``REPLAY_MAX_NEW_TOKENS`` (mostly
     loops) or were cut when their batch stopped (``REPLAY_BATCH_FINISHED``) are skipped. Each batch is
-    sized for the answers still missing (about half of a batch finishes), so a run that needs 50 answers
-    does not generate 128. With ``generate`` None only cached answers are used.
+    sized for the answers still missing (about ``FINISHED_SHARE`` of a batch finishes), so a run that needs
+    20 answers does not generate 320. With ``generate`` None only cached answers are used.
     """
     order = replay_prompt_order()
 
@@ -216,7 +223,7 @@ def self_replay(count: int, cache: AnswerCache, generate: Generate | None
         missing = count - sum(usable(p) for p in order[:position])
         if missing <= 0:
             break
-        size = min(GENERATION_BATCH, 2 * missing + 8)
+        size = min(GENERATION_BATCH, round(missing / FINISHED_SHARE) + 8)
         report.merge(cache.fill(order[position:position + size], generate, desc="replay answers", batch_size=size))
         position += size
     chosen = [p for p in order if usable(p)][:count]

@@ -24,7 +24,7 @@ from ftkit.data.replay import (
 )
 from ftkit.train.forgetting import HELDOUT_MAX_NEW_TOKENS, GeneralCheck, GeneralResult
 
-CHECK_BATCH = 64  # the 40 held-out questions in one batch
+CHECK_BATCH = 80  # the 40 held-out questions, with and without a system prompt, in one batch
 
 
 Generate = Callable[[list], list]

@@ -23,8 +23,8 @@ from typing import Any
 
 from ftkit.data.replay import AnswerCache, Generate, GenerationReport, read_prompts
 
-HELDOUT_MAX_NEW_TOKENS = 32  # the keyword of a right answer comes in the first sentence
-WARN_BELOW = 0.8  # kept fraction under which a run warns: more than one in five lost
+HELDOUT_MAX_NEW_TOKENS = 24  # only the first sentence is judged
+WARN_BELOW = 0.9  # kept fraction under which a run warns: more than one in ten lost
 
 
 def heldout_questions() -> list[dict[str, Any]]:
@@ -64,12 +64,14 @@ class GeneralCheck:
 
     @classmethod
     def of_base(cls, cache: AnswerCache, generate: Generate) -> GeneralCheck:
+        """The base model's answers with no system prompt and with ``CHECK_SYSTEM_PROMPT``, in one batch."""
         questions = heldout_questions()
         prompts = [q["prompt"] for q in questions]
-        report = cache.fill(prompts, generate, desc="general check (base)", batch_size=len(prompts))
-        with_system = cache.fill(prompts, _with_system(generate), desc="general check (base)",
-                                 batch_size=len(prompts), key=_system_key)
-        report.merge(with_system)
+        asked = {p: [{"role": "user", "content": p}] for p in prompts}
+        asked |= {_system_key(p): [{"role": "system", "content": CHECK_SYSTEM_PROMPT}, {"role": "user", "content": p}]
+                  for p in prompts}
+        report = cache.fill(list(asked), generate, desc="general check (base)", batch_size=len(asked),
+                            conversation=asked.__getitem__)
         return cls(questions, [cache.answers[p].text for p in prompts],
                    [cache.answers[_system_key(p)].text for p in prompts], report)
 
@@ -103,12 +105,6 @@ def _system_key(prompt: str) -> str:
     return f"[system: {CHECK_SYSTEM_PROMPT}] {prompt}"
 
 
-def _with_system(generate: Generate) -> Generate:
-    def with_system(conversations):
-        return generate([[{"role": "system", "content": CHECK_SYSTEM_PROMPT}, *c] for c in conversations])
-    return with_system
-
-
 @dataclass
 class GeneralResult:
     kept: int
@@ -140,7 +136,7 @@ class GeneralResult:
             return None
         causes = []
         if not replay_examples:
-            causes.append("no replay (set replay_ratio: 1 to mix in the base model's own general answers)")
+            causes.append("no replay (set replay_ratio: 0.5 to mix in the base model's own general answers)")
         causes.append(f"learning_rate {config.learning_rate:g} or num_train_epochs {config.num_train_epochs:g} too "
                       "high for this data (try half)")
         return (f"the fine-tune lost {self.base_right - self.kept} of {self.base_right} general answers the base "
