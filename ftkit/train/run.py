@@ -116,10 +116,10 @@ def run_training(loaded: LoadedConfig) -> TrainResult:
         sync_special_tokens(model, tokenizer)
         return model
 
-    # A separate check model only where the training model differs from it (a bf16 or quantized base on a
-    # CPU); a run continuing earlier adapters checks the model it trains.
-    separate_check = (check_dtype != load_dtype or config.quantization_bits is not None) and config.uses_lora \
-        and not config.adapter_name_or_path
+    # A separate check model only where its dtype differs from the training model's (a bf16 base on a CPU);
+    # on GPUs the model being trained answers (a second full-precision copy may not fit beside a QLoRA run),
+    # and so does a run continuing earlier adapters.
+    separate_check = check_dtype != load_dtype and config.uses_lora and not config.adapter_name_or_path
     answers = BaseModelAnswers(config, source, template.jinja, load_dtype, tokenizer, base_model, report=_say,
                                check_model=check_model if separate_check else None, check_dtype=check_dtype)
     data = prepare_dataset(config, tokenizer, self_replay=answers.self_replay)
