@@ -8,8 +8,10 @@ never shows a traceback.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -205,6 +207,12 @@ def _usage_error_types() -> tuple[type[Exception], ...]:
 def main() -> None:
     """Console entry point: run the app, turn user mistakes into one clear message and exit code 1."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # peft 0.21 calls transformers' deprecated is_gradient_checkpointing on every model (train, merge, chat);
+    # not actionable by users.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # bitsandbytes' CPU backend warns on import that the optional `kernels` package (which fetches a faster
+    # 4-bit kernel from the hub) is missing; its own kernel works, so the note only confuses.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         status = app(standalone_mode=False)
     except FtkitError as err:

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,8 +63,6 @@ def run_training(loaded: LoadedConfig) -> TrainResult:
     checkpoint = plan_resume(output_dir, config.resume_from_checkpoint, config.overwrite_output_dir)
     _check_reporters(config)
     started = time.perf_counter()
-    # peft 0.21 calls transformers' deprecated is_gradient_checkpointing on every model; not actionable by users.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
     from ftkit.data.dataset import prepare_dataset
     from ftkit.data.templates import apply_chat_template_to_tokenizer
