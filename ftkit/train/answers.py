@@ -76,7 +76,7 @@ class BaseModelAnswers:
     def general_check(self) -> GeneralCheck:
         """The base model's answers to the held-out general questions (from the cache when it has them)."""
         cache = AnswerCache.open(purpose="general", max_new_tokens=HELDOUT_MAX_NEW_TOKENS, **self.check_identity)
-        model = _loaded_once(lambda: self.check_model([]) if self.check_model else self.base_model())
+        model = _LoadedOnce(lambda: self.check_model([]) if self.check_model else self.base_model())
         check = GeneralCheck.of_base(cache, self._generate(model, HELDOUT_MAX_NEW_TOKENS, CHECK_BATCH))
         model.release()  # a separate check model is freed before training starts
         self.report(f"general check: the base model answers {len(check.base_right)}/{len(check.questions)} "
@@ -101,7 +101,7 @@ class BaseModelAnswers:
         return result
 
 
-class _loaded_once:
+class _LoadedOnce:
     """A model getter that loads on first call, returns the same model after, and can drop it."""
 
     def __init__(self, load: Callable[[], Any]) -> None:
