@@ -7,7 +7,7 @@ included. Then the trained adapter answers:
   prompt (the template inserts its default) and once with a system prompt none of the training
   examples used; a hit names the new name (or maker);
 - the held-out general questions: "general answers kept" is read from train_results.json (the rule is
-  in ``ftkit/train/forgetting.py``).
+  in ``ftkit/guard/general_check.py``).
 
     python bench/forgetting.py                       # replay off vs. on (the quickstart's defaults)
     python bench/forgetting.py --set learning_rate=5e-4 --set num_train_epochs=6   # any override
@@ -34,8 +34,8 @@ def probe(adapter: Path, name: str, author: str) -> dict[str, int]:
     import yaml
 
     from ftkit.chat import load_chat_model
+    from ftkit.guard.general_check import IDENTITY_PROBES, identity_hits
     from ftkit.models.generate import generate_replies
-    from ftkit.train.forgetting import IDENTITY_PROBES, identity_hits
 
     base = yaml.safe_load(CONFIG.read_text())["model_name_or_path"]
     model, tokenizer = load_chat_model(base, [str(adapter)])

@@ -14,41 +14,11 @@ console = Console(stderr=True, highlight=False)
 
 
 def load_chat_model(model: str, adapters: list[str], template: str = "auto"):
-    """Load model, tokenizer (the adapter's own if it has one) and adapters for inference."""
-    from dataclasses import replace
+    """The model (adapters merged) and tokenizer ``ftkit chat`` talks to; see ``ftkit.models.load_for_inference``."""
+    from ftkit.models import load_for_inference
 
-    import torch
-
-    from ftkit.data.templates import apply_chat_template_to_tokenizer
-    from ftkit.models import (
-        default_device,
-        inference_dtype,
-        load_adapters,
-        load_model,
-        load_tokenizer,
-        resolve_adapter_dir,
-        resolve_model_source,
-        sync_special_tokens,
-    )
-
-    source = resolve_model_source(model)
-    adapter_dirs = [resolve_adapter_dir(a) for a in adapters]
-    tokenizer_source = source
-    if adapter_dirs and (adapter_dirs[-1] / "tokenizer_config.json").is_file():
-        # The tokenizer and chat template the adapter was trained with.
-        tokenizer_source = replace(source, path=adapter_dirs[-1], gguf_file=None)
-    tokenizer = load_tokenizer(tokenizer_source)
-    apply_chat_template_to_tokenizer(tokenizer, template)
-    device = default_device()
-    dtype = inference_dtype(device)
-    # Adapters are merged into fp32 weights and the result cast once, exactly as `ftkit merge-lora` exports
-    # it: merging into bf16 weights rounds twice and drops small LoRA updates.
-    loaded = load_model(source, dtype=torch.float32 if adapter_dirs else dtype, device=device)
-    if adapter_dirs:
-        loaded = load_adapters(loaded, [str(d) for d in adapter_dirs], trainable=False, dtype=dtype)
-    sync_special_tokens(loaded, tokenizer)
-    loaded.eval()
-    return loaded, tokenizer
+    loaded = load_for_inference(model, adapters, template=template)
+    return loaded.model, loaded.tokenizer
 
 
 def run_chat(*, model: str, adapters: list[str], prompt: str | None, system: str | None, template: str,

@@ -174,7 +174,7 @@ def data_list(
     dataset_dir: Annotated[str, typer.Option(help="Folder holding dataset_info.json.")] = "data",
 ) -> None:
     """List the datasets registered in dataset_info.json."""
-    from ftkit.data.preview import print_registry
+    from ftkit.preview import print_registry
 
     print_registry(dataset_dir)
 
@@ -187,7 +187,7 @@ def data_preview(
 ) -> None:
     """Show encoded examples with the trained-on tokens highlighted, plus length, truncation and padding stats."""
     loaded = _load("train", config, overrides)
-    from ftkit.data.preview import preview_dataset
+    from ftkit.preview import preview_dataset
 
     preview_dataset(loaded.config, num_examples=num_examples)
 

@@ -15,6 +15,7 @@ import pytest
 from ftkit.config import TrainConfig, load_stage_config
 from ftkit.data.dataset import mix_datasets, read_conversations, split_validation
 from ftkit.data.formats import conversation_text
+from ftkit.data.options import DataOptions
 from ftkit.data.readers import read_records
 from ftkit.data.registry import DatasetSpec, resolve_dataset
 from ftkit.errors import FtkitError
@@ -49,7 +50,7 @@ def register(tmp_path: Path, **entries) -> Path:
 def conversations_of(tmp_path: Path, name: str, **config_values):
     config = make_config(tmp_path, **config_values)
     spec = resolve_dataset(name, config.dataset_dir)
-    conversations, report = read_conversations(spec, config)
+    conversations, report = read_conversations(spec, DataOptions.from_config(config))
     return spec, conversations, report
 
 

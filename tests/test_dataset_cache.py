@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from ftkit.config import TrainConfig, load_stage_config
-from ftkit.data.dataset import encode_dataset, prepare_dataset, tokenizer_fingerprint
+from ftkit.data.dataset import encode_dataset, tokenizer_fingerprint
+from ftkit.data.options import DataOptions
+from ftkit.guard import prepare_guarded_dataset
 
 RECORDS = [
     {"instruction": "Who are you?", "input": "", "output": "I am {{name}}, made by {{author}}."},
@@ -62,10 +64,10 @@ def ids_and_labels(examples) -> list[tuple[list[int], list[int]]]:
 
 def test_second_encode_is_served_from_the_cache_with_identical_ids(home, data_dir, smollm2_tokenizer):
     config = make_config(data_dir)
-    built, built_stats = encode_dataset("demo", config, smollm2_tokenizer)
+    built, built_stats = encode_dataset("demo", DataOptions.from_config(config), smollm2_tokenizer)
     assert not built_stats.from_cache
     assert len(cache_files(home)) == 1
-    cached, cached_stats = encode_dataset("demo", config, smollm2_tokenizer)
+    cached, cached_stats = encode_dataset("demo", DataOptions.from_config(config), smollm2_tokenizer)
     assert cached_stats.from_cache
     assert ids_and_labels(cached) == ids_and_labels(built)
     assert cached_stats.summary() == built_stats.summary() + " [cached]"
@@ -75,8 +77,8 @@ def test_second_encode_is_served_from_the_cache_with_identical_ids(home, data_di
 
 def test_prepare_dataset_twice_gives_the_same_rows_the_second_time_from_cache(home, data_dir, smollm2_tokenizer):
     config = make_config(data_dir, dataset="demo,more", val_size=2)
-    first = prepare_dataset(config, smollm2_tokenizer)
-    second = prepare_dataset(config, smollm2_tokenizer)
+    first = prepare_guarded_dataset(config, smollm2_tokenizer)
+    second = prepare_guarded_dataset(config, smollm2_tokenizer)
     assert [s.from_cache for s in first.stats] == [False, False]
     assert [s.from_cache for s in second.stats] == [True, True]
     assert (second.train, second.eval) == (first.train, first.eval)
@@ -84,7 +86,7 @@ def test_prepare_dataset_twice_gives_the_same_rows_the_second_time_from_cache(ho
 
 
 def test_encode_without_cache_writes_nothing(home, data_dir, smollm2_tokenizer):
-    encode_dataset("demo", make_config(data_dir), smollm2_tokenizer, use_cache=False)
+    encode_dataset("demo", DataOptions.from_config(make_config(data_dir)), smollm2_tokenizer, use_cache=False)
     assert cache_files(home) == []
 
 
@@ -145,40 +147,40 @@ def _config_key(**update):
 )
 def test_anything_that_changes_the_ids_changes_the_cache_key(home, data_dir, smollm2_tokenizer, change):
     config = make_config(data_dir)
-    _, stats = encode_dataset("demo", config, smollm2_tokenizer)
+    _, stats = encode_dataset("demo", DataOptions.from_config(config), smollm2_tokenizer)
     assert not stats.from_cache
     tokenizer, changed_config = change(smollm2_tokenizer, config, data_dir)
-    _, changed_stats = encode_dataset("demo", changed_config, tokenizer)
+    _, changed_stats = encode_dataset("demo", DataOptions.from_config(changed_config), tokenizer)
     assert not changed_stats.from_cache  # a rebuild, not a hit
     assert len(cache_files(home)) == 2
-    _, changed_again = encode_dataset("demo", changed_config, tokenizer)
+    _, changed_again = encode_dataset("demo", DataOptions.from_config(changed_config), tokenizer)
     assert changed_again.from_cache
 
 
 def test_unchanged_inputs_hit_even_with_a_copied_tokenizer(home, data_dir, smollm2_tokenizer):
     config = make_config(data_dir)
-    encode_dataset("demo", config, smollm2_tokenizer)
-    _, stats = encode_dataset("demo", make_config(data_dir), copy.deepcopy(smollm2_tokenizer))
+    encode_dataset("demo", DataOptions.from_config(config), smollm2_tokenizer)
+    _, stats = encode_dataset("demo", DataOptions.from_config(make_config(data_dir)), copy.deepcopy(smollm2_tokenizer))
     assert stats.from_cache
     assert tokenizer_fingerprint(copy.deepcopy(smollm2_tokenizer)) == tokenizer_fingerprint(smollm2_tokenizer)
 
 
 def test_identity_name_reaches_the_ids(home, data_dir, smollm2_tokenizer):
-    plain, _ = encode_dataset("demo", make_config(data_dir), smollm2_tokenizer)
-    named, _ = encode_dataset("demo", make_config(data_dir, identity_name="Ember"), smollm2_tokenizer)
+    plain, _ = encode_dataset("demo", DataOptions.from_config(make_config(data_dir)), smollm2_tokenizer)
+    named, _ = encode_dataset("demo", DataOptions.from_config(make_config(data_dir, identity_name="Ember")), smollm2_tokenizer)
     assert "Ember" in smollm2_tokenizer.decode(named[0].input_ids)
     assert "Ember" not in smollm2_tokenizer.decode(plain[0].input_ids)
 
 
 def test_overwrite_cache_rebuilds(home, data_dir, smollm2_tokenizer):
-    encode_dataset("demo", make_config(data_dir), smollm2_tokenizer)
+    encode_dataset("demo", DataOptions.from_config(make_config(data_dir)), smollm2_tokenizer)
     (cache_file,) = cache_files(home)
     before = cache_file.stat().st_mtime_ns
-    examples, stats = encode_dataset("demo", make_config(data_dir, overwrite_cache=True), smollm2_tokenizer)
+    examples, stats = encode_dataset("demo", DataOptions.from_config(make_config(data_dir, overwrite_cache=True)), smollm2_tokenizer)
     assert not stats.from_cache
     assert cache_files(home) == [cache_file]  # the same key, written again
     assert cache_file.stat().st_mtime_ns != before
-    cached, cached_stats = encode_dataset("demo", make_config(data_dir), smollm2_tokenizer)
+    cached, cached_stats = encode_dataset("demo", DataOptions.from_config(make_config(data_dir)), smollm2_tokenizer)
     assert cached_stats.from_cache
     assert ids_and_labels(cached) == ids_and_labels(examples)
 
@@ -209,13 +211,13 @@ def _not_a_cache(path: Path) -> None:
                          ids=["truncated", "flipped-byte", "inconsistent-arrays", "empty"])
 def test_damaged_cache_file_is_rebuilt_not_trusted(home, data_dir, smollm2_tokenizer, damage):
     config = make_config(data_dir)
-    fresh, _ = encode_dataset("demo", config, smollm2_tokenizer)
+    fresh, _ = encode_dataset("demo", DataOptions.from_config(config), smollm2_tokenizer)
     (cache_file,) = cache_files(home)
     damage(cache_file)
-    rebuilt, stats = encode_dataset("demo", config, smollm2_tokenizer)
+    rebuilt, stats = encode_dataset("demo", DataOptions.from_config(config), smollm2_tokenizer)
     assert not stats.from_cache
     assert ids_and_labels(rebuilt) == ids_and_labels(fresh)
-    _, again = encode_dataset("demo", config, smollm2_tokenizer)
+    _, again = encode_dataset("demo", DataOptions.from_config(config), smollm2_tokenizer)
     assert again.from_cache  # the rebuilt file is good
 
 
@@ -223,17 +225,17 @@ def test_detected_format_is_reported_also_from_the_cache(home, data_dir, smollm2
     path = str(data_dir / "demo.json")
     config = make_config(data_dir, dataset=path)
     for expected_cache in (False, True):
-        prepared = prepare_dataset(config, smollm2_tokenizer)
+        prepared = prepare_guarded_dataset(config, smollm2_tokenizer)
         assert prepared.stats[0].from_cache is expected_cache
         assert prepared.notes[0] == f"dataset {path}: detected alpaca (instruction/input/output) format"
 
 
 def test_mixing_two_datasets_is_deterministic_with_a_seed(home, data_dir, smollm2_tokenizer):
     config = make_config(data_dir, dataset="demo,more", mix_strategy="interleave_over", seed=5)
-    first = prepare_dataset(config, smollm2_tokenizer, use_cache=False).train
-    assert prepare_dataset(config, smollm2_tokenizer, use_cache=False).train == first
-    other_seed = prepare_dataset(config.model_copy(update={"seed": 6}), smollm2_tokenizer, use_cache=False).train
+    first = prepare_guarded_dataset(config, smollm2_tokenizer, use_cache=False).train
+    assert prepare_guarded_dataset(config, smollm2_tokenizer, use_cache=False).train == first
+    other_seed = prepare_guarded_dataset(config.model_copy(update={"seed": 6}), smollm2_tokenizer, use_cache=False).train
     assert other_seed != first
-    concat = prepare_dataset(config.model_copy(update={"mix_strategy": "concat"}), smollm2_tokenizer).train
+    concat = prepare_guarded_dataset(config.model_copy(update={"mix_strategy": "concat"}), smollm2_tokenizer).train
     assert len(concat) == 11
     assert {tuple(row["input_ids"]) for row in concat} <= {tuple(row["input_ids"]) for row in first}

@@ -15,21 +15,29 @@ from pathlib import Path
 import pytest
 
 from ftkit.config import TrainConfig, load_stage_config
-from ftkit.data.dataset import encode_dataset, prepare_dataset
-from ftkit.data.replay import (
+from ftkit.data.dataset import encode_dataset
+from ftkit.data.options import DataOptions
+from ftkit.errors import FtkitError
+from ftkit.guard import prepare_guarded_dataset
+from ftkit.guard.answer_cache import AnswerCache
+from ftkit.guard.general_check import (
+    IDENTITY_PROBES,
+    GeneralCheck,
+    heldout_questions,
+    identity_hits,
+    is_right,
+)
+from ftkit.guard.replay import (
     SMALL_SFT_SET,
-    AnswerCache,
     dataset_replay,
     plan_replay,
     read_prompts,
     replay_prompt_order,
     self_replay,
 )
-from ftkit.data.system_prompts import GENERIC_SYSTEM_PROMPTS, vary_system_prompts
-from ftkit.errors import FtkitError
+from ftkit.guard.system_prompts import GENERIC_SYSTEM_PROMPTS, SystemPromptVariants, vary_system_prompts
 from ftkit.models.generate import Reply
 from ftkit.train import run_training
-from ftkit.train.forgetting import IDENTITY_PROBES, GeneralCheck, heldout_questions, identity_hits, is_right
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEM_AT_TEST = "You are a knowledgeable assistant. Keep your answers short."  # used by no training example
@@ -97,8 +105,8 @@ def test_system_prompt_variants_swap_half_in_or_out_deterministically():
 
 def test_variants_reach_the_token_ids_and_the_cache_key(home, smollm2_tokenizer):
     cfg = config()
-    plain, _ = encode_dataset("identity", cfg, smollm2_tokenizer)
-    varied, _ = encode_dataset("identity", cfg, smollm2_tokenizer, vary_system=True)
+    plain, _ = encode_dataset("identity", DataOptions.from_config(cfg), smollm2_tokenizer)
+    varied, _ = encode_dataset("identity", DataOptions.from_config(cfg), smollm2_tokenizer, variants=SystemPromptVariants(cfg.seed))
     texts = [smollm2_tokenizer.decode(e.input_ids) for e in varied]
     generic = sum(any(p in t for p in GENERIC_SYSTEM_PROMPTS) for t in texts)
     assert 30 < generic < 70 and len(plain) == len(varied)
@@ -110,21 +118,21 @@ def test_variants_reach_the_token_ids_and_the_cache_key(home, smollm2_tokenizer)
 
 def test_prepare_dataset_mixes_replay_from_a_dataset_and_keeps_it_out_of_validation(home, smollm2_tokenizer):
     cfg = config(replay_source="alpaca_en_demo", replay_ratio=0.5, val_size=10)
-    data = prepare_dataset(cfg, smollm2_tokenizer)
+    data = prepare_guarded_dataset(cfg, smollm2_tokenizer)
     assert data.replay_examples == 45 and len(data.train) == 90 + 45 and len(data.eval) == 10
     assert data.stats[-1].name == "replay (alpaca_en_demo)"
     assert any("mixing 45 replay examples" in n for n in data.notes)
     assert data.system_prompt_variants and any("system_prompt_variants: false" in n for n in data.notes)
-    again = prepare_dataset(cfg, smollm2_tokenizer)
+    again = prepare_guarded_dataset(cfg, smollm2_tokenizer)
     assert again.train == data.train
 
 
 def test_self_replay_needs_a_generator_and_the_guard_stays_off_for_large_or_pt_data(home, smollm2_tokenizer):
     with pytest.raises(ValueError, match="self_replay"):
-        prepare_dataset(config(), smollm2_tokenizer)
-    off = prepare_dataset(config(replay_ratio=0, system_prompt_variants=False), smollm2_tokenizer)
+        prepare_guarded_dataset(config(), smollm2_tokenizer)
+    off = prepare_guarded_dataset(config(replay_ratio=0, system_prompt_variants=False), smollm2_tokenizer)
     assert off.replay_examples == 0 and not off.system_prompt_variants and len(off.train) == 100
-    pt = prepare_dataset(config(stage="pt", dataset="pt_demo"), smollm2_tokenizer)
+    pt = prepare_guarded_dataset(config(stage="pt", dataset="pt_demo"), smollm2_tokenizer)
     assert pt.replay_examples == 0 and not pt.system_prompt_variants
 
 

@@ -1,7 +1,9 @@
 """From a config to token ids: resolve, read, normalise, encode (cached), mix, split and pack.
 
 ``prepare_dataset`` is the one entry point train and ``ftkit data preview`` share (evaluate will
-reuse it for custom datasets). The tokenised form of each dataset is cached under
+reuse it for custom datasets); it reads ``DataOptions``, not a whole stage config. The forgetting guard
+(``ftkit.guard``) stands on it and hands in what it decides: system-prompt ``variants`` (any
+``ConversationVariants``) and replay conversations; data knows nothing of models or generation. The tokenised form of each dataset is cached under
 ``$FTKIT_HOME/datasets`` keyed on everything that changes the ids: the tokenizer's vocabulary and
 special tokens, the chat template, the stage, cutoff_len, the masking options, the placeholders, the
 registry entry and the bytes of the data files. A cache reused across tokenizers would silently train
@@ -17,20 +19,18 @@ import os
 import random
 import tempfile
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from ftkit.data.encoding import EncodedExample, encode_pretrain_text, encode_supervised_example
 from ftkit.data.formats import Conversation, ConversionReport, conversation_text, records_to_conversations
+from ftkit.data.options import DataOptions
 from ftkit.data.packing import pack_examples
 from ftkit.data.readers import content_digest, read_records
 from ftkit.data.registry import DatasetSpec, detect_format, resolve_dataset
-from ftkit.data.replay import ReplayPlan, dataset_replay, guard_applies, plan_replay
-from ftkit.data.system_prompts import vary_system_prompts
 from ftkit.errors import FtkitError
 from ftkit.paths import ftkit_home
 
@@ -73,12 +73,41 @@ class PreparedData:
     notes: list[str] = field(default_factory=list)
     packed: bool = False
     replay_examples: int = 0
-    replay_plan: ReplayPlan | None = None
     system_prompt_variants: bool = False
 
     @property
     def train_tokens(self) -> int:
         return sum(len(row["input_ids"]) for row in self.train)
+
+
+@dataclass
+class EncodedData:
+    """The user's datasets encoded, mixed and split: what replay is planned from, before it is mixed in."""
+
+    train: list[EncodedExample]
+    held_out: list[EncodedExample]
+    stats: list[DatasetStats] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ReplaySet:
+    """Conversations mixed into the training set only (never held out), under their own name in the stats."""
+
+    name: str
+    conversations: list[Conversation]
+
+
+class ConversationVariants(Protocol):
+    """A seeded rewrite of a dataset's conversations before encoding (the guard's system-prompt variants)."""
+
+    def key(self, name: str) -> str:
+        """What identifies the rewrite of dataset ``name`` in the cache key."""
+        ...
+
+    def apply(self, conversations: list[Conversation], name: str) -> list[Conversation]:
+        """The rewritten conversations of dataset ``name``."""
+        ...
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -92,14 +121,13 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return digest.hexdigest()
 
 
-def _cache_key(spec: DatasetSpec, config: Any, tokenizer_digest: str, replacements: dict[str, str],
-               variants_seed: str | None) -> str:
+def _cache_key(spec: DatasetSpec, options: DataOptions, tokenizer_digest: str, variants_key: str | None) -> str:
     payload = {
-        "version": CACHE_VERSION, "tokenizer": tokenizer_digest, "stage": config.stage,
-        "cutoff_len": config.cutoff_len, "train_on_prompt": config.train_on_prompt,
-        "mask_history": config.mask_history, "default_system": config.default_system,
-        "replacements": replacements, "spec": spec.fingerprint(), "data": content_digest(spec),
-        "max_samples": config.max_samples, "system_prompt_variants": variants_seed,
+        "version": CACHE_VERSION, "tokenizer": tokenizer_digest, "stage": options.stage,
+        "cutoff_len": options.cutoff_len, "train_on_prompt": options.train_on_prompt,
+        "mask_history": options.mask_history, "default_system": options.default_system,
+        "replacements": options.replacements, "spec": spec.fingerprint(), "data": content_digest(spec),
+        "max_samples": options.max_samples, "system_prompt_variants": variants_key,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -155,69 +183,70 @@ def _with_default_system(conversation: Conversation, system: str | None) -> Conv
     return conversation
 
 
-def identity_replacements(config: Any) -> dict[str, str]:
-    """The placeholders identity-style datasets contain and what the config fills them with."""
-    return {"{{name}}": config.identity_name, "{{author}}": config.identity_author}
-
-
-def read_conversations(spec: DatasetSpec, config: Any) -> tuple[list[Conversation], ConversionReport]:
+def read_conversations(spec: DatasetSpec, options: DataOptions) -> tuple[list[Conversation], ConversionReport]:
     """The front half of a dataset: read its records, detect the format of a path, normalise to conversations.
 
     Uses ``max_samples``, ``stage`` (pre-training accepts records with no response) and the identity
-    placeholders from ``config``. For a dataset given as a path, ``spec.detected`` says what was detected.
+    placeholders. For a dataset given as a path, ``spec.detected`` says what was detected.
     """
-    records = read_records(spec, config.max_samples)
+    records = read_records(spec, options.max_samples)
     if spec.given_as_path and records:
         detect_format(spec, records[0])
     return records_to_conversations(
-        records, spec, replacements=identity_replacements(config), require_response=config.stage != "pt"
+        records, spec, replacements=options.replacements, require_response=options.stage != "pt"
     )
 
 
-def _variants_seed(config: Any, name: str, vary_system: bool) -> str | None:
-    return f"{config.seed}:{name}" if vary_system and config.stage == "sft" else None
+def count_conversations(options: DataOptions) -> int:
+    """How many usable conversations the training datasets hold (read and normalised, not encoded)."""
+    return sum(read_conversations(resolve_dataset(name, options.dataset_dir), options)[1].kept
+               for name in options.dataset)
 
 
-def encode_dataset(name: str, config: Any, tokenizer: Any, *, use_cache: bool = True, vary_system: bool = False
-                   ) -> tuple[list[EncodedExample], DatasetStats]:
+def encode_dataset(name: str, options: DataOptions, tokenizer: Any, *, use_cache: bool = True,
+                   variants: ConversationVariants | None = None) -> tuple[list[EncodedExample], DatasetStats]:
     """Read, normalise and encode one dataset (registry name or path), through the cache.
 
-    ``vary_system`` trains each sft conversation in one of its system-prompt variants (see
-    ``ftkit.data.system_prompts``).
+    ``variants`` rewrites each sft conversation first (the guard's system-prompt variants).
     """
-    spec = resolve_dataset(name, config.dataset_dir)
-    replacements = identity_replacements(config)
-    variants_seed = _variants_seed(config, name, vary_system)
-    key = _cache_key(spec, config, tokenizer_fingerprint(tokenizer), replacements, variants_seed)
+    spec = resolve_dataset(name, options.dataset_dir)
+    variants = variants if options.stage == "sft" else None
+    variants_key = variants.key(name) if variants is not None else None
+    key = _cache_key(spec, options, tokenizer_fingerprint(tokenizer), variants_key)
     cache_file = ftkit_home() / "datasets" / f"{key}.npz"
-    if use_cache and not config.overwrite_cache:
+    if use_cache and not options.overwrite_cache:
         cached = _load_cache(cache_file, name)
         if cached is not None:
             return cached
-    conversations, report = read_conversations(spec, config)
+    conversations, report = read_conversations(spec, options)
     stats = DatasetStats(name=name, conversion=report, detected_format=spec.detected)
-    examples = encode_conversations(conversations, config, tokenizer, stats, variants_seed=variants_seed)
+    examples = encode_conversations(conversations, options, tokenizer, stats, variants=variants, name=name)
     if use_cache:
         _save_cache(cache_file, examples, stats)
     return examples, stats
 
 
-def encode_conversations(conversations: list[Conversation], config: Any, tokenizer: Any, stats: DatasetStats, *,
-                         variants_seed: str | None = None) -> list[EncodedExample]:
-    """Encode conversations with the config's template options, counting what happened in ``stats``."""
-    pretraining = config.stage == "pt"
+def encode_conversations(conversations: list[Conversation], options: DataOptions, tokenizer: Any,
+                         stats: DatasetStats, *, variants: ConversationVariants | None = None,
+                         name: str = "") -> list[EncodedExample]:
+    """Encode conversations with the template options, counting what happened in ``stats``.
+
+    sft conversations get ``default_system`` where they have no system prompt, then ``variants`` (as the
+    conversations of dataset ``name``).
+    """
+    pretraining = options.stage == "pt"
     if not pretraining:
-        conversations = [_with_default_system(c, config.default_system) for c in conversations]
-    if variants_seed is not None and not pretraining:
-        conversations = vary_system_prompts(conversations, variants_seed)
+        conversations = [_with_default_system(c, options.default_system) for c in conversations]
+        if variants is not None:
+            conversations = variants.apply(conversations, name)
     examples: list[EncodedExample] = []
     for conversation in conversations:
         if pretraining:
-            pieces = encode_pretrain_text(tokenizer, conversation_text(conversation), cutoff_len=config.cutoff_len)
+            pieces = encode_pretrain_text(tokenizer, conversation_text(conversation), cutoff_len=options.cutoff_len)
         else:
             encoded = encode_supervised_example(
-                tokenizer, conversation, cutoff_len=config.cutoff_len,
-                train_on_prompt=config.train_on_prompt, mask_history=config.mask_history,
+                tokenizer, conversation, cutoff_len=options.cutoff_len,
+                train_on_prompt=options.train_on_prompt, mask_history=options.mask_history,
             )
             if encoded is None:
                 stats.dropped_no_trained_tokens += 1
@@ -288,74 +317,49 @@ def _rows(examples: list[EncodedExample], *, pack: bool, cutoff_len: int, seed: 
     return [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
 
 
-ReplayAnswers = Callable[[int], tuple[list[Conversation], str]]  # count -> self-replay conversations, how obtained
-
-
-def _encode_datasets(config: Any, tokenizer: Any, use_cache: bool, vary_system: bool
-                     ) -> tuple[list[list[EncodedExample]], list[DatasetStats], list[str]]:
+def encode_datasets(options: DataOptions, tokenizer: Any, *, variants: ConversationVariants | None = None,
+                    use_cache: bool = True) -> EncodedData:
+    """The training datasets encoded (with ``variants``), mixed and split, and the eval datasets encoded."""
     per_dataset: list[list[EncodedExample]] = []
     stats: list[DatasetStats] = []
     notes: list[str] = []
-    for name in config.dataset:
-        examples, dataset_stats = encode_dataset(name, config, tokenizer, use_cache=use_cache, vary_system=vary_system)
+    for name in options.dataset:
+        examples, dataset_stats = encode_dataset(name, options, tokenizer, use_cache=use_cache, variants=variants)
         if dataset_stats.detected_format:
             notes.append(f"dataset {name}: detected {dataset_stats.detected_format} format")
         per_dataset.append(examples)
         stats.append(dataset_stats)
-    return per_dataset, stats, notes
-
-
-def replay_conversations(config: Any, plan: ReplayPlan, self_replay: ReplayAnswers | None
-                         ) -> tuple[list[Conversation], str | None]:
-    """The replay conversations ``plan`` asks for: self answers through ``self_replay``, or a dataset's."""
-    if plan.is_self:
-        if self_replay is None:
-            raise ValueError("replay_source self needs a self_replay function that can generate answers")
-        return self_replay(plan.count)
-    conversations, _ = read_conversations(resolve_dataset(plan.source, config.dataset_dir), config)
-    return dataset_replay(plan.count, conversations, config.seed), None
-
-
-def prepare_dataset(config: Any, tokenizer: Any, *, use_cache: bool = True,
-                    self_replay: ReplayAnswers | None = None) -> PreparedData:
-    """Everything the trainer needs from the data section of a TrainConfig.
-
-    On a small sft set the forgetting guard adds replay examples (``self_replay`` generates the base
-    model's answers when ``replay_source`` is self) and trains system-prompt variants; see
-    ``ftkit.data.replay`` and ``ftkit.data.system_prompts``.
-    """
-    vary = bool(config.system_prompt_variants) and config.stage == "sft"
-    per_dataset, stats, notes = _encode_datasets(config, tokenizer, use_cache, vary)
-    automatic_variants = config.system_prompt_variants is None and guard_applies(config, sum(map(len, per_dataset)))
-    if automatic_variants:
-        vary = True
-        per_dataset, stats, notes = _encode_datasets(config, tokenizer, use_cache, vary)
-    train = mix_datasets(per_dataset, config.mix_strategy, config.interleave_probs, config.seed)
+    train = mix_datasets(per_dataset, options.mix_strategy, list(options.interleave_probs or []) or None, options.seed)
     if not train:
-        raise FtkitError(f"dataset {', '.join(config.dataset)} leaves no usable example after encoding with "
-                         f"cutoff_len {config.cutoff_len}; raise cutoff_len or check the data.")
-    train, held_out = split_validation(train, config.val_size, config.seed)
-    for name in config.eval_dataset or []:
-        examples, dataset_stats = encode_dataset(name, config, tokenizer, use_cache=use_cache)
+        raise FtkitError(f"dataset {', '.join(options.dataset)} leaves no usable example after encoding with "
+                         f"cutoff_len {options.cutoff_len}; raise cutoff_len or check the data.")
+    train, held_out = split_validation(train, options.val_size, options.seed)
+    for name in options.eval_dataset:
+        examples, dataset_stats = encode_dataset(name, options, tokenizer, use_cache=use_cache)
         held_out.extend(examples)
         stats.append(dataset_stats)
-    if automatic_variants:
-        notes.append("system prompts: each example trains with its system prompt kept or swapped (in or out) by a "
-                     "seeded coin, so it works with and without one; system_prompt_variants: false turns it off")
-    plan = plan_replay(config, len(train))
-    replay: list[EncodedExample] = []
-    if plan is not None:
-        conversations, how = replay_conversations(config, plan, self_replay)
-        replay_stats = DatasetStats(name=f"replay ({plan.source})", conversion=ConversionReport(
-            dataset=f"replay ({plan.source})", total=len(conversations), kept=len(conversations)))
-        replay = encode_conversations(conversations, config, tokenizer, replay_stats,
-                                      variants_seed=f"{config.seed}:replay" if vary else None)
+    return EncodedData(train, held_out, stats, notes)
+
+
+def prepare_dataset(options: DataOptions, tokenizer: Any, *, variants: ConversationVariants | None = None,
+                    replay: ReplaySet | None = None, encoded: EncodedData | None = None,
+                    use_cache: bool = True) -> PreparedData:
+    """Everything the trainer needs: the datasets (``encoded`` if already done) plus ``replay``, in rows.
+
+    Replay conversations join the training rows only (with the same ``variants`` as the datasets, under
+    the name ``replay``), after the validation split, so they are never held out.
+    """
+    encoded = encoded or encode_datasets(options, tokenizer, variants=variants, use_cache=use_cache)
+    stats, replayed = list(encoded.stats), []
+    if replay is not None:
+        replay_stats = DatasetStats(name=replay.name, conversion=ConversionReport(
+            dataset=replay.name, total=len(replay.conversations), kept=len(replay.conversations)))
+        replayed = encode_conversations(replay.conversations, options, tokenizer, replay_stats, variants=variants,
+                                        name="replay")
         stats.append(replay_stats)
-        notes.append(plan.notice(len(replay)) + (f"; {how}" if how else ""))
-    pack = config.uses_packing
     return PreparedData(
-        train=_rows(train + replay, pack=pack, cutoff_len=config.cutoff_len, seed=config.seed),
-        eval=_rows(held_out, pack=False, cutoff_len=config.cutoff_len, seed=config.seed),
-        stats=stats, notes=notes, packed=pack, replay_examples=len(replay), replay_plan=plan,
-        system_prompt_variants=vary,
+        train=_rows(encoded.train + replayed, pack=options.packing, cutoff_len=options.cutoff_len, seed=options.seed),
+        eval=_rows(encoded.held_out, pack=False, cutoff_len=options.cutoff_len, seed=options.seed),
+        stats=stats, notes=list(encoded.notes), packed=options.packing, replay_examples=len(replayed),
+        system_prompt_variants=variants is not None and options.stage == "sft",
     )

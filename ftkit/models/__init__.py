@@ -2,8 +2,8 @@
 
 Flow: ``resolve_model_source`` (alias, directory, .gguf, Hugging Face, ModelScope) -> ``load_tokenizer``
 (with the pad-token fix) and ``load_model`` (dtype from ``precision``, optional 4/8-bit) ->
-``sync_special_tokens`` -> ``prepare_model_for_training`` (train) or ``load_adapters`` (merge, serve,
-evaluate). transformers, peft, bitsandbytes and modelscope are imported inside the functions that
+``sync_special_tokens`` -> ``prepare_model_for_training`` (train), or ``load_for_inference`` (base +
+merged adapters + tokenizer: chat, the forgetting guard's check, merge, serve, evaluate, quantize). transformers, peft, bitsandbytes and modelscope are imported inside the functions that
 need them, so importing this package costs only torch.
 """
 
@@ -14,12 +14,18 @@ from ftkit.models.adapters import (
     decoder_layers,
     enable_gradient_checkpointing,
     find_lora_targets,
-    is_quantized,
     linear_module_names,
     prepare_model_for_training,
     trainable_parameter_summary,
 )
 from ftkit.models.embedded import EMBEDDED_ALIAS, embedded_gguf_path, ensure_embedded_model
+from ftkit.models.inference import (
+    InferenceModel,
+    LazyModel,
+    LoadOptions,
+    adapter_tokenizer_source,
+    load_for_inference,
+)
 from ftkit.models.loader import (
     PadTokenFix,
     ensure_pad_token,
@@ -28,6 +34,7 @@ from ftkit.models.loader import (
     quantization_config,
     sync_special_tokens,
 )
+from ftkit.models.parameters import cast_weights, is_quantized, upcast_trainable
 from ftkit.models.precision import (
     MixedPrecision,
     checkpoint_dtype,
@@ -38,10 +45,11 @@ from ftkit.models.precision import (
     resolve_load_dtype,
     resolve_mixed_precision,
 )
-from ftkit.models.saved_adapters import attach_adapter, cast_weights, check_adapter_matches, load_adapters
+from ftkit.models.saved_adapters import attach_adapter, check_adapter_matches, load_adapters
 from ftkit.models.source import (
     ModelSource,
     adapter_base_name,
+    adapter_dirs_from_config,
     hub_offline,
     model_source_from_config,
     resolve_adapter_dir,
@@ -51,10 +59,15 @@ from ftkit.models.source import (
 
 __all__ = [
     "EMBEDDED_ALIAS",
+    "InferenceModel",
+    "LazyModel",
+    "LoadOptions",
     "MixedPrecision",
     "ModelSource",
     "PadTokenFix",
     "adapter_base_name",
+    "adapter_dirs_from_config",
+    "adapter_tokenizer_source",
     "apply_freeze",
     "apply_full",
     "apply_lora",
@@ -75,6 +88,7 @@ __all__ = [
     "is_quantized",
     "linear_module_names",
     "load_adapters",
+    "load_for_inference",
     "load_model",
     "load_tokenizer",
     "model_source_from_config",
@@ -87,5 +101,6 @@ __all__ = [
     "resolve_model_source",
     "sync_special_tokens",
     "trainable_parameter_summary",
+    "upcast_trainable",
     "wants_modelscope",
 ]

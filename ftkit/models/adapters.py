@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
 from torch import nn
 
 from ftkit.errors import FtkitError
 from ftkit.models.loader import sync_special_tokens
-from ftkit.models.source import resolve_adapter_dir
+from ftkit.models.parameters import is_quantized, upcast_trainable
+from ftkit.models.saved_adapters import load_adapters
+from ftkit.models.source import adapter_dirs_from_config
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -24,11 +25,6 @@ if TYPE_CHECKING:
     from ftkit.config.stages import TrainConfig
 
 _LORA_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d)
-def is_quantized(model: nn.Module) -> bool:
-    """True for a model loaded in 4 or 8 bits (its quantized weights cannot be merged into or trained)."""
-    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
-
-
 def linear_module_names(model: nn.Module) -> list[str]:
     """Sorted last-component names of every linear layer (nn.Linear, bitsandbytes Linear4bit/8bitLt, Conv1D)."""
     linear_types = _linear_types()
@@ -102,7 +98,7 @@ def apply_lora(
         ensure_weight_tying=tied and any(name in embedding_names for name in saved),
     )
     peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
-    _upcast_trainable(peft_model)
+    upcast_trainable(peft_model)
     return peft_model
 
 
@@ -146,7 +142,7 @@ def apply_freeze(
         else:
             trains = any(_is_component_path(name, m) for m in extras)
         param.requires_grad_(trains)
-    _upcast_trainable(model)
+    upcast_trainable(model)
     return model
 
 
@@ -156,7 +152,7 @@ def apply_full(model: PreTrainedModel) -> PreTrainedModel:
         raise FtkitError("Full fine-tuning cannot update quantized weights; remove quantization_bit or use lora.")
     for param in model.parameters():
         param.requires_grad_(True)
-    _upcast_trainable(model)
+    upcast_trainable(model)
     return model
 
 
@@ -223,16 +219,7 @@ def prepare_model_for_training(
         quantized = is_quantized(model)
         if config.adapter_name_or_path:
             _prepare_base_for_adapters(model, quantized=quantized, gradient_checkpointing=checkpointing)
-            directories = [
-                resolve_adapter_dir(
-                    name, use_modelscope=config.use_modelscope, revision=config.model_revision,
-                    cache_dir=config.cache_dir, token=config.ms_hub_token if config.use_modelscope else config.hf_hub_token,
-                )
-                for name in config.adapter_name_or_path
-            ]
-            from ftkit.models.saved_adapters import load_adapters
-
-            return load_adapters(model, directories, trainable=True)
+            return load_adapters(model, adapter_dirs_from_config(config), trainable=True)
         saved = config.additional_target or []
         return apply_lora(
             model,
@@ -273,13 +260,6 @@ def _prepare_base_for_adapters(model: PreTrainedModel, *, quantized: bool, gradi
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
         model.enable_input_require_grads()
-
-
-def _upcast_trainable(model: nn.Module) -> None:
-    """Trainable weights live in fp32 (peft leaves ``modules_to_save`` copies in the base's half dtype)."""
-    for param in model.parameters():
-        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
-            param.data = param.data.float()
 
 
 def _linear_types() -> tuple[type[nn.Module], ...]:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ftkit.errors import FtkitError
-from ftkit.models.adapters import _upcast_trainable, is_quantized
+from ftkit.models.parameters import cast_weights, is_quantized, upcast_trainable
 from ftkit.models.source import adapter_base_name
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ def load_adapters(
         if is_last and keep_last:
             peft_model = attach_adapter(model, directory, trainable=trainable)
             if trainable:
-                _upcast_trainable(peft_model)
+                upcast_trainable(peft_model)
             return peft_model
         model = attach_adapter(model, directory).merge_and_unload()
     return model if dtype is None else cast_weights(model, dtype)
@@ -100,23 +100,6 @@ def check_adapter_matches(model: nn.Module, adapter_dir: Path) -> None:
             raise FtkitError(f"Adapter {adapter_dir} {problem}; it cannot be a LoRA of this model: retrain it with a "
                              "smaller lora_rank (or check that adapter_config.json belongs to these weights).")
     _check_configured_rank(adapter_dir, shapes)
-
-
-def cast_weights(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
-    """Cast parameters and saved buffers to ``dtype``, in place: the model then equals one loaded in ``dtype``.
-
-    Not ``model.to(dtype)``: that also casts buffers computed at start-up, such as RoPE's ``inv_freq``,
-    which ``from_pretrained(dtype=...)`` keeps in fp32; greedy answers then drift after a few dozen tokens.
-    """
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            if param.is_floating_point() and param.dtype != dtype:
-                param.data = param.data.to(dtype)
-        for name, buffer in module.named_buffers(recurse=False):
-            if buffer is not None and buffer.is_floating_point() and name not in module._non_persistent_buffers_set:
-                setattr(module, name, buffer.to(dtype))
-    model.config.dtype = dtype
-    return model
 
 
 def _adapter_tensor_shapes(adapter_dir: Path) -> dict[str, list[int]]:

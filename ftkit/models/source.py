@@ -171,6 +171,15 @@ def model_source_from_config(section: ModelSection) -> ModelSource:
     )
 
 
+def adapter_dirs_from_config(section: ModelSection) -> list[Path]:
+    """The config's ``adapter_name_or_path`` resolved to local directories (hub token chosen per hub)."""
+    return [resolve_adapter_dir(name, use_modelscope=section.use_modelscope, revision=section.model_revision,
+                                cache_dir=section.cache_dir,
+                                token=section.ms_hub_token if wants_modelscope(name, section.use_modelscope)
+                                else section.hf_hub_token)
+            for name in section.adapter_name_or_path or []]
+
+
 def adapter_base_name(adapter_dir: Path) -> str | None:
     """The ``base_model_name_or_path`` recorded in an adapter's ``adapter_config.json`` (None if unreadable)."""
     try:

@@ -22,7 +22,6 @@ from rich.markup import escape
 from ftkit.config import LoadedConfig, TrainConfig, dump_resolved_config
 from ftkit.errors import FtkitError
 from ftkit.paths import atomic_write_text
-from ftkit.train.answers import BaseModelAnswers, general_check_dtype
 from ftkit.train.checkpoints import (
     FINAL_STAGING_DIR,
     RESULTS_FILE,
@@ -64,11 +63,12 @@ def run_training(loaded: LoadedConfig) -> TrainResult:
     _check_reporters(config)
     started = time.perf_counter()
 
-    from ftkit.data.dataset import prepare_dataset
     from ftkit.data.templates import apply_chat_template_to_tokenizer
+    from ftkit.guard import BaseModelAnswers, general_check_dtype, prepare_guarded_dataset
     from ftkit.models import (
+        LazyModel,
+        LoadOptions,
         default_device,
-        load_model,
         load_tokenizer,
         model_source_from_config,
         prepare_model_for_training,
@@ -90,36 +90,18 @@ def run_training(loaded: LoadedConfig) -> TrainResult:
     from transformers import set_seed
 
     load_dtype = resolve_load_dtype(precision, config.finetuning_type)
-    loaded_model: list[Any] = []
-
-    def base_model():
-        """The model to train, loaded on first use: self-replay generation may need it while data is prepared."""
-        if not loaded_model:
-            loaded_model.append(load_model(
-                source, dtype=load_dtype, quantization_bits=config.quantization_bits,
-                quantization_type=config.quantization_type, double_quantization=config.double_quantization,
-                attn_implementation=config.flash_attn, trust_remote_code=config.trust_remote_code, device=device))
-        return loaded_model[0]
-
-    check_dtype = general_check_dtype(device, load_dtype)
-
-    def check_model(adapters: list[str]):
-        """The base in the check dtype with ``adapters`` merged, as ``ftkit chat`` loads it."""
-        from ftkit.models import load_adapters, sync_special_tokens
-
-        model = load_model(source, dtype=check_dtype, attn_implementation=config.flash_attn,
-                           trust_remote_code=config.trust_remote_code, device=device)
-        model = load_adapters(model, adapters, trainable=False)
-        sync_special_tokens(model, tokenizer)
-        return model
+    load_options = LoadOptions.from_config(config)
+    # The model to train, loaded on first use: self-replay generation may need it while data is prepared.
+    base_model = LazyModel.of(source, dtype=load_dtype, device=device, options=load_options)
 
     # A separate check model only where its dtype differs from the training model's (a bf16 base on a CPU);
     # on GPUs the model being trained answers (a second full-precision copy may not fit beside a QLoRA run),
     # and so does a run continuing earlier adapters.
-    separate_check = check_dtype != load_dtype and config.uses_lora and not config.adapter_name_or_path
-    answers = BaseModelAnswers(config, source, template.jinja, load_dtype, tokenizer, base_model, report=_say,
-                               check_model=check_model if separate_check else None, check_dtype=check_dtype)
-    data = prepare_dataset(config, tokenizer, self_replay=answers.self_replay)
+    separate_check = (general_check_dtype(device, load_dtype) != load_dtype and config.uses_lora
+                      and not config.adapter_name_or_path)
+    answers = BaseModelAnswers(config, source, template.jinja, load_options, load_dtype, tokenizer, base_model,
+                               report=_say, device=device, separate_check=separate_check)
+    data = prepare_guarded_dataset(config, tokenizer, answers)
     for note in data.notes:
         _say(escape(note))
     for stats in data.stats:

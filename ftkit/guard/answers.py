@@ -2,7 +2,8 @@
 
 ``ftkit train`` builds one ``BaseModelAnswers`` around the model it is about to train (loaded lazily, so
 a run whose answers are all cached does not wait on generation) and ``ftkit data preview`` builds one to
-show the replay examples.
+show the replay examples. Generation goes through ``ftkit.models.generate``; the model being trained and
+the check model are loaded the one way every stage loads them (``ftkit.models``).
 """
 
 from __future__ import annotations
@@ -14,15 +15,10 @@ from typing import Any
 
 from rich.markup import escape
 
-from ftkit.data.replay import (
-    GENERATION_BATCH,
-    REPLAY_BATCH_FINISHED,
-    REPLAY_MAX_NEW_TOKENS,
-    AnswerCache,
-    model_fingerprint,
-    self_replay,
-)
-from ftkit.train.forgetting import HELDOUT_MAX_NEW_TOKENS, GeneralCheck, GeneralResult
+from ftkit.guard.answer_cache import GENERATION_BATCH, AnswerCache, model_fingerprint
+from ftkit.guard.general_check import HELDOUT_MAX_NEW_TOKENS, GeneralCheck, GeneralResult
+from ftkit.guard.replay import REPLAY_BATCH_FINISHED, REPLAY_MAX_NEW_TOKENS, self_replay
+from ftkit.models.inference import LazyModel
 
 CHECK_BATCH = 80  # the 40 held-out questions, with and without a system prompt, in one batch
 
@@ -33,21 +29,35 @@ Generate = Callable[[list], list]
 class BaseModelAnswers:
     """The base model's cached greedy answers (replay, held-out check) and the trained model's check.
 
-    The cache key covers the model files, the chat template and the dtype/quantization the model is
-    loaded in for training, which is also what the answers are generated in.
+    The cache key covers the model files, the chat template, the dtype and every load option
+    (``LoadOptions``: quantization, attention implementation, remote code) the answers are generated
+    with: answers cached under one way of loading are never reused under another.
     """
 
-    def __init__(self, config: Any, source: Any, template: str, dtype: Any, tokenizer: Any,
+    def __init__(self, config: Any, source: Any, template: str, options: Any, dtype: Any, tokenizer: Any,
                  base_model: Callable[[], Any], report: Callable[[str], None] = print, *,
-                 check_model: Callable[[list[str]], Any] | None = None, check_dtype: Any = None) -> None:
-        """``base_model`` returns the model being trained (loaded on first use); ``check_model(adapters)``, when
-        given, loads the base in ``check_dtype`` with those adapters merged, for the general check."""
+                 device: Any = None, separate_check: bool = False) -> None:
+        """``base_model`` returns the model being trained (loaded on first use). With ``separate_check`` the
+        general check loads the base again in ``general_check_dtype`` (full precision, adapters merged, as
+        ``ftkit chat`` does) instead of asking the model being trained."""
+        import torch
+
         self.config, self.tokenizer, self.base_model, self.report = config, tokenizer, base_model, report
-        self.check_model = check_model
+        self.source, self.options = source, options
+        self.device = device or torch.device("cpu")
+        self.check_dtype = general_check_dtype(self.device, dtype) if separate_check else dtype
+        self.separate_check = separate_check
         self.identity = {"model": model_fingerprint(source.path, source.gguf_file), "template": template,
-                         "dtype": str(dtype), "quantization_bits": config.quantization_bits}
-        self.check_identity = {**self.identity, "dtype": str(check_dtype or dtype),
-                               "quantization_bits": None if check_model else config.quantization_bits}
+                         "dtype": str(dtype), "load": options.as_kwargs()}
+        check_options = options.full_precision() if separate_check else options
+        self.check_identity = {**self.identity, "dtype": str(self.check_dtype), "load": check_options.as_kwargs()}
+
+    def check_model(self, adapters: list[str]) -> Any:
+        """The base in the check dtype with ``adapters`` merged, as ``ftkit chat`` loads it."""
+        from ftkit.models import load_for_inference
+
+        return load_for_inference(self.source, adapters, dtype=self.check_dtype, device=self.device,
+                                  options=self.options.full_precision(), tokenizer=self.tokenizer).model
 
     def _generate(self, model_getter: Callable[[], Any], max_new_tokens: int, batch_size: int,
                   stop_batch_when_finished: float | None = None) -> Generate:
@@ -76,7 +86,7 @@ class BaseModelAnswers:
     def general_check(self) -> GeneralCheck:
         """The base model's answers to the held-out general questions (from the cache when it has them)."""
         cache = AnswerCache.open(purpose="general", max_new_tokens=HELDOUT_MAX_NEW_TOKENS, **self.check_identity)
-        model = _LoadedOnce(lambda: self.check_model([]) if self.check_model else self.base_model())
+        model = LazyModel(lambda: self.check_model([]) if self.separate_check else self.base_model())
         check = GeneralCheck.of_base(cache, self._generate(model, HELDOUT_MAX_NEW_TOKENS, CHECK_BATCH))
         model.release()  # a separate check model is freed before training starts
         self.report(f"general check: the base model answers {len(check.base_right)}/{len(check.questions)} "
@@ -90,7 +100,7 @@ class BaseModelAnswers:
         in ``output_dir`` merged into it (as ``ftkit chat`` does); otherwise the trained ``model`` answers.
         """
         started = time.perf_counter()
-        if self.check_model is not None:
+        if self.separate_check:
             model = self.check_model([str(output_dir)])
         model_config = getattr(getattr(model, "get_base_model", lambda: model)(), "config", None)
         if model_config is not None:
@@ -99,21 +109,6 @@ class BaseModelAnswers:
         result = check.compare(trained, self.config.identity_name)
         self.report(f"{escape(result.summary())} (checked in {time.perf_counter() - started:.0f} s)")
         return result
-
-
-class _LoadedOnce:
-    """A model getter that loads on first call, returns the same model after, and can drop it."""
-
-    def __init__(self, load: Callable[[], Any]) -> None:
-        self.load, self.model = load, None
-
-    def __call__(self) -> Any:
-        if self.model is None:
-            self.model = self.load()
-        return self.model
-
-    def release(self) -> None:
-        self.model = None
 
 
 def general_check_dtype(device: Any, load_dtype: Any) -> Any:

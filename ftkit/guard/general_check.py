@@ -21,7 +21,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ftkit.data.replay import AnswerCache, Generate, GenerationReport, read_prompts
+from ftkit.guard.answer_cache import AnswerCache, Generate, GenerationReport
+from ftkit.guard.replay import read_prompts
 
 HELDOUT_MAX_NEW_TOKENS = 24  # only the first sentence is judged
 WARN_BELOW = 0.9  # kept fraction under which a run warns: more than one in ten lost

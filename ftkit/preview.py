@@ -2,7 +2,8 @@
 
 The preview renders encoded examples with trained tokens highlighted (green) and masked ones dimmed,
 then prints per-dataset counts (kept, skipped by reason, truncated, dropped), token statistics and
-the padding waste of plain, length-grouped and packed batching.
+the padding waste of plain, length-grouped and packed batching. It is a command of its own (not part of
+``ftkit.data``): it shows the forgetting guard's replay too, which needs the model.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from rich.table import Table
 from rich.text import Text
 
 from ftkit.data.registry import load_registry, spec_from_entry
-from ftkit.data.replay import guard_applies, plan_replay
 
 # Wide enough for the statistics tables when piped to a file (rich assumes 80 columns there).
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
@@ -55,8 +55,10 @@ def highlighted(tokenizer: Any, input_ids: list[int], labels: list[int]) -> Text
 def preview_dataset(config: Any, *, num_examples: int = 3) -> None:
     """Encode the config's datasets (through the cache) and show examples and statistics."""
     from ftkit.data.dataset import encode_dataset
+    from ftkit.data.options import DataOptions
     from ftkit.data.packing import padding_stats
     from ftkit.data.templates import apply_chat_template_to_tokenizer
+    from ftkit.guard import plan_replay, system_prompt_variants
     from ftkit.models import load_tokenizer, model_source_from_config
 
     source = model_source_from_config(config)
@@ -72,17 +74,20 @@ def preview_dataset(config: Any, *, num_examples: int = 3) -> None:
     for column in ("dataset", "examples", "skipped", "truncated", "dropped", "tokens", "trained", "length min/mean/max"):
         stats_table.add_column(column, justify="right" if column not in ("dataset", "skipped") else "left")
     all_lengths: list[int] = []
-    user_examples = sum(len(encode_dataset(name, config, tokenizer)[0]) for name in config.dataset)
-    vary = config.stage == "sft" and (config.system_prompt_variants if config.system_prompt_variants is not None
-                                      else guard_applies(config, user_examples))
+    options = DataOptions.from_config(config)
+    variants, _ = system_prompt_variants(config, options)
+    user_examples = 0
     for name in [*config.dataset, *(config.eval_dataset or [])]:
-        examples, stats = encode_dataset(name, config, tokenizer, vary_system=vary and name in config.dataset)
+        training = name in config.dataset
+        examples, stats = encode_dataset(name, options, tokenizer, variants=variants if training else None)
+        user_examples += len(examples) if training else 0
         if stats.detected_format:
             console.print(f"[dim]dataset {name}: detected {stats.detected_format} format[/]")
         all_lengths.extend(_show(tokenizer, name, examples, stats, num_examples, stats_table))
     plan = plan_replay(config, user_examples)
     if plan is not None:
-        all_lengths.extend(_preview_replay(config, tokenizer, template, plan, vary, num_examples, stats_table))
+        all_lengths.extend(_preview_replay(config, options, tokenizer, template, plan, variants, num_examples,
+                                           stats_table))
     console.print()
     console.print(stats_table)
     if all_lengths:
@@ -108,31 +113,32 @@ def _show(tokenizer: Any, name: str, examples: list, stats: Any, num_examples: i
     return lengths
 
 
-def _preview_replay(config: Any, tokenizer: Any, template: Any, plan: Any, vary: bool, num_examples: int,
-                    table: Table) -> list[int]:
+def _preview_replay(config: Any, options: Any, tokenizer: Any, template: Any, plan: Any, variants: Any,
+                    num_examples: int, table: Table) -> list[int]:
     """Show the replay examples a run mixes in, marked as replay.
 
     Self-replay answers come from the answer cache; when it lacks them, only the few shown are generated
-    now (loading the model), the rest at train time.
+    now (loading the model as ``ftkit train`` loads it, so the cache is the one training reads), the rest
+    at train time.
     """
-    from ftkit.data.dataset import DatasetStats, encode_conversations, replay_conversations
+    from ftkit.data.dataset import DatasetStats, encode_conversations
     from ftkit.data.formats import ConversionReport
-    from ftkit.models import load_model, model_source_from_config, resolve_load_dtype, resolve_mixed_precision
-    from ftkit.models.precision import default_device
-    from ftkit.train.answers import BaseModelAnswers
+    from ftkit.guard import BaseModelAnswers, replay_conversations
+    from ftkit.models import (
+        LazyModel,
+        LoadOptions,
+        default_device,
+        model_source_from_config,
+        resolve_load_dtype,
+        resolve_mixed_precision,
+    )
 
     device = default_device()
     dtype = resolve_load_dtype(resolve_mixed_precision(config.bf16, config.fp16, device), config.finetuning_type)
-    source = model_source_from_config(config)
-    model: list[Any] = []
-
-    def base_model():
-        if not model:
-            model.append(load_model(source, dtype=dtype, quantization_bits=config.quantization_bits, device=device))
-        return model[0]
-
-    answers = BaseModelAnswers(config, source, template.jinja, dtype, tokenizer, base_model,
-                               report=lambda m: console.print(f"[dim]{m}[/]"))
+    source, load_options = model_source_from_config(config), LoadOptions.from_config(config)
+    answers = BaseModelAnswers(config, source, template.jinja, load_options, dtype, tokenizer,
+                               LazyModel.of(source, dtype=dtype, device=device, options=load_options),
+                               report=lambda m: console.print(f"[dim]{m}[/]"), device=device)
     if plan.is_self:
         cached = answers.self_replay_cached(plan.count)
         conversations = cached if len(cached) >= min(num_examples, plan.count) else answers.self_replay(num_examples)[0]
@@ -143,8 +149,7 @@ def _preview_replay(config: Any, tokenizer: Any, template: Any, plan: Any, vary:
     name = f"replay ({plan.source})"
     stats = DatasetStats(name=name, conversion=ConversionReport(dataset=name, total=len(conversations),
                                                                 kept=len(conversations)))
-    examples = encode_conversations(conversations, config, tokenizer, stats,
-                                    variants_seed=f"{config.seed}:replay" if vary else None)
+    examples = encode_conversations(conversations, options, tokenizer, stats, variants=variants, name="replay")
     console.print(f"[dim]{plan.notice(plan.count)}[/]")
     return _show(tokenizer, name, examples, stats, num_examples, table, label="[REPLAY] ", planned=planned)
 

@@ -42,3 +42,17 @@ def vary_system_prompts(conversations: list[Conversation], seed: str) -> list[Co
         else:
             varied.append([{"role": "system", "content": generic}, *conversation])
     return varied
+
+
+class SystemPromptVariants:
+    """The variants as ``ftkit.data`` applies them while encoding: per dataset, seeded by the run's seed."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def key(self, name: str) -> str:
+        """The seed of dataset ``name``'s coins (also its part of the tokenised-data cache key)."""
+        return f"{self.seed}:{name}"
+
+    def apply(self, conversations: list[Conversation], name: str) -> list[Conversation]:
+        return vary_system_prompts(conversations, self.key(name))
