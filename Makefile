@@ -25,13 +25,16 @@ demo: install
 	$(BIN)/ftkit train configs/quickstart.yaml
 
 test: install
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -n 2 -q
 
 test-fast: install
 	$(BIN)/python -m pytest -n 2 -q -m "not slow"
 
+# ruff, then the architecture rules (import-linter contracts in pyproject.toml: layers, independent stages).
 lint: install
 	$(BIN)/ruff check ftkit tests bench
+	$(BIN)/lint-imports --no-cache
 
 bench: install
 	$(BIN)/python bench/train_throughput.py

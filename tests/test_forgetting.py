@@ -188,6 +188,33 @@ def test_a_damaged_answer_cache_line_is_regenerated_not_trusted(home):
 
 # --- the general check ----------------------------------------------------------------------------------
 
+def test_answers_cached_under_one_way_of_loading_are_never_reused_under_another(home, tiny_llama_dir):
+    """The answer cache keys on every load option: ``ftkit data preview`` once filled it from a model loaded
+    without quantization_type/attn_implementation, and training then reused those answers."""
+    import torch
+
+    from ftkit.data.templates import apply_chat_template_to_tokenizer
+    from ftkit.guard import BaseModelAnswers
+    from ftkit.models import LazyModel, LoadOptions, load_tokenizer, model_source_from_config
+
+    def base_check(**keys):
+        cfg = config(model_name_or_path=str(tiny_llama_dir), **keys)
+        source, options = model_source_from_config(cfg), LoadOptions.from_config(cfg)
+        tokenizer = load_tokenizer(source)
+        template = apply_chat_template_to_tokenizer(tokenizer, "auto")
+        model = LazyModel.of(source, dtype=torch.float32, device=torch.device("cpu"), options=options)
+        answers = BaseModelAnswers(cfg, source, template.jinja, options, torch.float32, tokenizer, model,
+                                   report=lambda message: None)
+        return answers.general_check().base_report
+
+    first = base_check(flash_attn="eager")
+    assert first.generated == 80 and first.cached == 0
+    assert base_check(flash_attn="eager").cached == 80  # the same way of loading: from the cache
+    assert base_check(flash_attn="sdpa").generated == 80  # another attention implementation: generated anew
+    assert LoadOptions.from_config(config(quantization_type="fp4")) != LoadOptions.from_config(config())
+    assert LoadOptions.from_config(config(finetuning_type="qlora")).quantization_bits == 4
+
+
 def test_rightness_is_a_whole_word_match_ignoring_case():
     assert is_right("The capital of France is paris.", ["Paris"])
     assert not is_right("There are 40 of them.", ["4", "four"])
