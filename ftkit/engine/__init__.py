@@ -1,0 +1,1 @@
+"""The inference engine (in progress): continuous batching on a paged KV cache."""
