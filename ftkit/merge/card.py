@@ -15,8 +15,7 @@ from typing import Any
 
 import yaml
 
-TRAINING_CONFIG_FILE = "ftkit_config.yaml"
-TRAINING_RESULTS_FILE = "train_results.json"
+from ftkit.run_files import RUN_CONFIG_FILE, RUN_RESULTS_FILE, read_adapter_config
 
 
 @dataclass(frozen=True)
@@ -74,9 +73,9 @@ class AdapterTraining:
 
 def read_adapter_training(adapter_dir: Path) -> AdapterTraining:
     """Read what ``adapter_dir`` records about its training; unreadable files count as absent."""
-    config = _read(adapter_dir / TRAINING_CONFIG_FILE, yaml.safe_load)
-    results = _read(adapter_dir / TRAINING_RESULTS_FILE, json.loads)
-    peft = _read(adapter_dir / "adapter_config.json", json.loads)
+    config = _read(adapter_dir / RUN_CONFIG_FILE, yaml.safe_load)
+    results = _read(adapter_dir / RUN_RESULTS_FILE, json.loads)
+    peft = read_adapter_config(adapter_dir) or {}
     return AdapterTraining(adapter_dir, config, results, peft)
 
 

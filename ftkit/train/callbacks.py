@@ -12,9 +12,8 @@ from tqdm import tqdm
 from transformers import TrainerCallback
 
 from ftkit.paths import atomic_write_text
-
-LOG_FILE = "trainer_log.jsonl"
-PLOT_FILE = "training_loss.png"
+from ftkit.run_files import LOSS_PLOT_FILE as PLOT_FILE
+from ftkit.run_files import TRAINER_LOG_FILE as LOG_FILE
 
 
 class ProgressAndLogCallback(TrainerCallback):

@@ -22,6 +22,7 @@ from rich.markup import escape
 from ftkit.config import LoadedConfig, TrainConfig, dump_resolved_config
 from ftkit.errors import FtkitError
 from ftkit.paths import atomic_write_text
+from ftkit.run_files import ADAPTER_CONFIG_FILE, RUN_CONFIG_FILE, TRAINER_LOG_FILE, read_adapter_config
 from ftkit.train.checkpoints import (
     FINAL_STAGING_DIR,
     RESULTS_FILE,
@@ -33,7 +34,6 @@ from ftkit.train.checkpoints import (
 from ftkit.train.memory import decide_gradient_checkpointing
 
 console = Console(stderr=True, highlight=False)
-CONFIG_FILE = "ftkit_config.yaml"
 
 
 @dataclass
@@ -111,7 +111,7 @@ def run_training(loaded: LoadedConfig) -> TrainResult:
          + (f"; {len(data.eval):,} eval examples" if data.eval else ""))
 
     if checkpoint is not None:
-        changed = changed_training_keys(output_dir / CONFIG_FILE, yaml.safe_load(dump_resolved_config(config)))
+        changed = changed_training_keys(output_dir / RUN_CONFIG_FILE, yaml.safe_load(dump_resolved_config(config)))
         if changed:
             _say(f"[yellow]warning[/]: resuming with changed settings ({escape('; '.join(changed))}); the result will "
                  "not match an uninterrupted run of either config")
@@ -121,7 +121,7 @@ def run_training(loaded: LoadedConfig) -> TrainResult:
         remove_previous_run(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     clean_staging(output_dir)
-    atomic_write_text(output_dir / CONFIG_FILE, dump_resolved_config(config))
+    atomic_write_text(output_dir / RUN_CONFIG_FILE, dump_resolved_config(config))
 
     check = answers.general_check() if config.general_check else None
     model = base_model()
@@ -142,8 +142,8 @@ def run_training(loaded: LoadedConfig) -> TrainResult:
         truncate_log(output_dir, checkpoint.step)
         _say(f"resuming from {checkpoint.path.name} (step {checkpoint.step}); set resume_from_checkpoint: false "
              "and overwrite_output_dir: true to start over")
-    elif (output_dir / "trainer_log.jsonl").exists():
-        (output_dir / "trainer_log.jsonl").unlink()
+    elif (output_dir / TRAINER_LOG_FILE).exists():
+        (output_dir / TRAINER_LOG_FILE).unlink()
 
     train_output = trainer.train(resume_from_checkpoint=str(checkpoint.path) if checkpoint else None)
     metrics = _final_metrics(trainer, train_output, data, checkpoint, started)
@@ -276,11 +276,11 @@ def _save_final_model(trainer, tokenizer, output_dir: Path, *, base_name: str | 
         model_config.use_cache = True  # turned off for gradient checkpointing; generation wants it back
     trainer.save_model(str(staging))
     tokenizer.save_pretrained(str(staging))
-    adapter_config = staging / "adapter_config.json"
-    if base_name and adapter_config.is_file():
-        recorded = json.loads(adapter_config.read_text(encoding="utf-8"))
+    recorded = read_adapter_config(staging) if base_name else None
+    if recorded is not None:
         recorded["base_model_name_or_path"] = base_name
-        adapter_config.write_text(json.dumps(recorded, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (staging / ADAPTER_CONFIG_FILE).write_text(json.dumps(recorded, indent=2, sort_keys=True) + "\n",
+                                                   encoding="utf-8")
     generation_config = getattr(trainer.model, "generation_config", None)
     if generation_config is not None and not (staging / "generation_config.json").exists():
         generation_config.save_pretrained(str(staging))
