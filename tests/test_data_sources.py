@@ -353,7 +353,8 @@ def test_csv_that_cannot_be_parsed(tmp_path):
     with pytest.raises(FtkitError) as caught:
         read_records(resolve_dataset(str(path), tmp_path))
     assert str(caught.value) == (
-        f"{path}: cannot be read as csv: Error tokenizing data. C error: EOF inside string starting at row 1."
+        f"{path}:2: the double quote that opens a value in this row is never closed; close it (a quote inside a "
+        'quoted value is written twice: "").'
     )
 
 
@@ -421,12 +422,22 @@ def test_sharegpt_records_that_break_the_role_order_are_skipped_and_counted(tmp_
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi again"},
          {"role": "assistant", "content": "Hello again"}],
     ]
+    # Each reason names the first record it skipped (counted from 1), the turn and role, and the fix.
     assert report.skipped == Counter({
-        "broken role order": 3, "a system message after the first turn": 1, "tool-call turns (not supported yet)": 1,
-        "an empty turn": 1, "an unknown role": 1, "no messages": 1,
+        "broken role order (first: record 2 has 'gpt' (assistant) as turn 1, where the user must speak; fix the "
+        "record (turns alternate user, assistant), or, if 'gpt' is the user here, set \"tags\": {\"user_tag\": "
+        "\"gpt\", \"assistant_tag\": \"human\"} in the entry 'demo' of dataset_info.json)": 3,
+        "a system message after the first turn (first: record 5 has a 'system' turn as turn 2; make it the first "
+        "turn or move it to the system column)": 1,
+        "tool-call turns (not supported yet) (first: record 6 has a 'function_call' turn (turn 2); leave tool-call "
+        "records out)": 1,
+        "an empty turn (first: record 7 has an empty 'gpt' turn (turn 2); fill it or leave the record out)": 1,
+        "an unknown role (first: record 8 has role 'robot' (turn 2), which its tags do not map; set \"tags\": "
+        "{\"user_tag\": \"human\", \"assistant_tag\": \"robot\"} in the entry 'demo' of dataset_info.json)": 1,
+        "no messages (first: record 9 has no turns in conversations)": 1,
     })
     assert (report.total, report.kept) == (10, 2)
-    assert report.summary().startswith("demo: 2/10 examples (skipped: 3 broken role order, ")
+    assert report.summary().startswith("demo: 2/10 examples (skipped: 3 broken role order (first: record 2 ")
 
 
 def test_dataset_with_nothing_usable_left_is_an_error(tmp_path):
@@ -435,7 +446,10 @@ def test_dataset_with_nothing_usable_left_is_an_error(tmp_path):
     register(tmp_path, demo={"file_name": "chat.json", "formatting": "sharegpt"})
     with pytest.raises(FtkitError) as caught:
         conversations_of(tmp_path, "demo")
-    assert str(caught.value) == "Dataset 'demo' has no usable examples (2 with broken role order)."
+    assert str(caught.value) == (
+        "Dataset 'demo' has no usable examples (2 with broken role order (first: record 1 has 'gpt' (assistant) as "
+        "turn 1, where the user must speak; fix the record (turns alternate user, assistant)))."
+    )
 
 
 def test_alpaca_records_without_prompt_or_response_are_skipped(tmp_path):
@@ -444,7 +458,8 @@ def test_alpaca_records_without_prompt_or_response_are_skipped(tmp_path):
     register(tmp_path, demo={"file_name": "a.json"})
     _, conversations, report = conversations_of(tmp_path, "demo")
     assert len(conversations) == 1
-    assert report.skipped == Counter({"an empty prompt": 1, "an empty response": 1})
+    assert report.skipped == Counter({"an empty prompt (first: record 2 has no text in instruction or input)": 1,
+                                      "an empty response (first: record 3 has no text in output)": 1})
 
 
 @pytest.mark.parametrize(
@@ -495,7 +510,8 @@ def test_malformed_history_turn_is_skipped(tmp_path):
     register(tmp_path, demo={"file_name": "a.json", "columns": {"history": "history"}})
     _, conversations, report = conversations_of(tmp_path, "demo")
     assert len(conversations) == 1
-    assert report.skipped == Counter({"a malformed history turn": 1})
+    assert report.skipped == Counter({"a malformed history turn (first: record 2 has history turn 1 that is not a "
+                                      "[prompt, reply] pair; write each history turn as a [prompt, reply] pair)": 1})
 
 
 def test_ranking_dataset_is_refused_for_sft(tmp_path):

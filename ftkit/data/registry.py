@@ -3,6 +3,8 @@
 ``dataset: identity,alpaca_en_demo`` names entries of ``<dataset_dir>/dataset_info.json``; when the
 directory has no registry, ftkit's shipped one (``ftkit/resources/data``) answers. ``dataset:
 path/to/file.jsonl`` skips the registry: the format is detected from the first record's keys.
+An entry whose name no ``dataset:`` list can select (a comma, surrounding spaces, empty) is refused when
+the registry is read, rather than offered later as a did-you-mean the user cannot type.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from ftkit.errors import FtkitError
 from ftkit.paths import package_resource
 
 REGISTRY_FILE = "dataset_info.json"
-FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow")
+FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow", ".txt")
 
 _SHAREGPT_TAGS = {
     "role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
@@ -87,6 +89,13 @@ def load_registry(dataset_dir: str | Path) -> tuple[Path, dict[str, dict[str, An
         raise FtkitError(f"{path} is not UTF-8 text (byte {err.start}); save it as UTF-8.") from None
     if not isinstance(entries, dict):
         raise FtkitError(f"{path} must map dataset names to their descriptions (a JSON object).")
+    for name in entries:
+        if "," in name or name != name.strip() or not name:
+            problem = "contains a comma" if "," in name else "is empty" if not name else "starts or ends with a space"
+            selectable = name.strip().replace(",", "_")
+            rename = f" (for example to {json.dumps(selectable)})" if selectable else ""
+            raise FtkitError(f"{path}: dataset name {json.dumps(name)} {problem}, so no `dataset:` list (split at "
+                             f"commas, each name stripped) can select it; rename the entry{rename}.")
     return path, entries
 
 
