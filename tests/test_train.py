@@ -276,7 +276,11 @@ def test_a_dataset_with_no_usable_example_is_refused_before_output_dir_is_touche
     data_file.write_text(json.dumps(broken))
     output_dir = tmp_path / "out"
     message = refused(tiny_keys(tiny_llama_dir, output_dir, dataset=str(data_file), max_samples=None))
-    assert message == f"Dataset '{data_file}' has no usable examples (3 with broken role order)."
+    assert message == (f"Dataset '{data_file}' has no usable examples (3 with broken role order (first: record 1 has "
+                       "'gpt' (assistant) as turn 1, where the user must speak; fix the record (turns alternate user, "
+                       "assistant), or, if 'gpt' is the user here, register the file in dataset_info.json with "
+                       "\"formatting\": \"sharegpt\" and \"tags\": {\"user_tag\": \"gpt\", \"assistant_tag\": \"human\"}))."
+                       )
     assert not output_dir.exists()
 
 

@@ -36,7 +36,7 @@ from ftkit.paths import ftkit_home
 
 T = TypeVar("T")
 
-CACHE_VERSION = 1  # bump when encoding changes in a way the key does not capture
+CACHE_VERSION = 2  # bump when reading or encoding changes in a way the key does not capture (2: csv/NaN reading)
 
 
 @dataclass
