@@ -104,7 +104,11 @@ def _show(tokenizer: Any, name: str, examples: list, stats: Any, num_examples: i
         console.rule(f"{label}{name} #{index}: {len(example.input_ids)} tokens, {trained} trained")
         console.print(highlighted(tokenizer, example.input_ids, example.labels))
     lengths = [len(e.input_ids) for e in examples]
-    skipped = ", ".join(f"{n} {reason}" for reason, n in stats.conversion.skipped.most_common()) or "-"
+    reasons = stats.conversion.skipped.most_common()
+    # The table names each reason briefly; the sentence with the first record and the fix goes below it.
+    skipped = ", ".join(f"{n} {reason.split(' (first: ')[0]}" for reason, n in reasons) or "-"
+    for reason, n in reasons:
+        console.print(f"[yellow]{name}: skipped {n} record{'s' if n > 1 else ''} with {reason}[/]", soft_wrap=True)
     table.add_row(
         name, planned or f"{stats.encoded:,}/{stats.conversion.total:,}", skipped, str(stats.truncated),
         str(stats.dropped_no_trained_tokens), f"{stats.tokens:,}", f"{stats.trained_tokens:,}",
