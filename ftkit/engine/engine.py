@@ -220,15 +220,16 @@ class LLMEngine:
     # ---- convenience ------------------------------------------------------------------------------------
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 *, priorities: Sequence[int] | None = None) -> list[RequestOutput]:
+                 *, priorities: Sequence[int] | None = None,
+                 adapters: Sequence[str | None] | None = None) -> list[RequestOutput]:
         """Run ``prompts`` to completion; one output per prompt, in order (a refused prompt's carries ``error``)."""
         every = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompts)
         results: dict[str, RequestOutput] = {}
         ids = [f"generate-{id(self)}-{time.monotonic_ns()}-{index}" for index in range(len(prompts))]
         for index, (request_id, prompt) in enumerate(zip(ids, prompts, strict=True)):
             try:
-                self.add_request(request_id, prompt, every[index],
-                                 priority=priorities[index] if priorities else 0)
+                self.add_request(request_id, prompt, every[index], priority=priorities[index] if priorities else 0,
+                                 adapter=adapters[index] if adapters else None)
             except FtkitError as error:
                 token_ids = list(prompt) if not isinstance(prompt, str) else []
                 results[request_id] = RequestOutput(request_id, token_ids, [], True, error=str(error))
