@@ -122,3 +122,22 @@ def test_slot_mapping_follows_the_block_table():
     manager.allocate_slots(request, 3)
     ids = manager.block_ids(request)
     assert manager.slot_mapping(request, 0, 3) == [ids[0] * 2, ids[0] * 2 + 1, ids[1] * 2]
+
+
+def test_the_cache_takes_kv_cache_memory_or_a_small_cpu_default_and_never_more_than_sequences_can_use():
+    import torch
+
+    from ftkit.engine.options import GIB, EngineOptions, plan_kv_blocks
+
+    cpu = torch.device("cpu")
+    blocks, max_len = plan_kv_blocks(EngineOptions(kv_cache_memory=0.5, max_num_seqs=10_000), bytes_per_block=GIB // 1024,
+                                     model_max_len=8192, device=cpu)
+    assert (blocks, max_len) == (512, 8192)
+    blocks, _ = plan_kv_blocks(EngineOptions(max_num_seqs=10_000), bytes_per_block=GIB // 1024, model_max_len=8192,
+                               device=cpu)
+    assert blocks <= 1024  # at most 1 GiB on CPU by default
+    blocks, _ = plan_kv_blocks(EngineOptions(max_num_seqs=2, kv_cache_memory=4), bytes_per_block=1024,
+                               model_max_len=64, device=cpu)
+    assert blocks == 2 * 4  # two sequences of 64 tokens in blocks of 16
+    assert plan_kv_blocks(EngineOptions(num_kv_blocks=3, block_size=4), bytes_per_block=1, model_max_len=64,
+                          device=cpu) == (3, 12)  # max_model_len no longer than the whole cache

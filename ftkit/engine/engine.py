@@ -145,17 +145,19 @@ class LLMEngine:
             return list(self.tokenizer(prompt)["input_ids"])
         return [int(t) for t in prompt]
 
-    def abort(self, request_id: str) -> None:
-        """Stop a request; its blocks go back to the pool now. Unknown or finished ids are ignored."""
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request; its blocks go back to the pool now. Returns its final output (None for an unknown
+        or already finished id)."""
         group = self._groups.get(request_id)
         if group is None:
-            return
+            return None
         group.deferred = []
         for sample in group.samples:
             if not sample.finished:
                 sample.finish("abort")
                 self.scheduler.finish(sample)
         del self._groups[request_id]
+        return self._output(group)
 
     @property
     def has_unfinished_requests(self) -> bool:
