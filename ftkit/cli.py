@@ -9,6 +9,7 @@ never shows a traceback.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import warnings
@@ -38,17 +39,53 @@ app.add_typer(data_app, name="data")
 
 ConfigArg = Annotated[Path, typer.Argument(help="The stage config (YAML, LLaMA-Factory key names).",
                                            show_default=False)]
-OverridesArg = Annotated[list[str] | None, typer.Argument(help="key=value overrides applied on top of the config.",
-                                                          show_default=False)]
+OverridesArg = Annotated[list[str] | None, typer.Argument(help="key=value overrides applied on top of the config "
+                                                               "(each key at most once).", show_default=False)]
 
 
 def _load(schema_name: str, config: Path | None, overrides: list[str] | None):
+    """Load and validate a stage config; a train config is also checked against its datasets and model."""
     from ftkit.config import STAGE_SCHEMAS, load_stage_config
 
-    loaded = load_stage_config(STAGE_SCHEMAS[schema_name], config, list(overrides or []))
+    checks = (_dataset_problems, _model_problems) if schema_name == "train" else ()
+    loaded = load_stage_config(STAGE_SCHEMAS[schema_name], config, list(overrides or []), checks=checks)
     for note in loaded.notes:
         console.print(f"[dim]note: {escape(note)}[/]", soft_wrap=True)
     return loaded
+
+
+def _dataset_problems(config) -> list[tuple[str, str]]:
+    """``dataset``, ``eval_dataset`` and a dataset ``replay_source`` resolved in the registry (no data is read)."""
+    from ftkit.config.sections import problem_from_sentence
+    from ftkit.data.registry import resolve_dataset
+
+    names = [("dataset", name) for name in config.dataset] + [("eval_dataset", n) for n in config.eval_dataset or []]
+    if config.stage == "sft" and config.replay_ratio != 0 and config.replay_source != "self":
+        names.append(("replay_source", config.replay_source))
+    found: list[tuple[str, str]] = []
+    for key, name in names:
+        try:
+            resolve_dataset(name, config.dataset_dir)
+        except FtkitError as error:
+            sentence = str(error)
+            sentence = sentence[0].lower() + sentence[1:]
+            if key == "replay_source":
+                sentence = f"replay_source {name!r} is neither self nor a usable dataset: {sentence}"
+            elif not sentence.startswith("dataset_dir"):
+                sentence = f"{key}: {sentence}"
+            problem = problem_from_sentence(sentence, type(config).model_fields, key)
+            if problem not in found:  # a registry problem (no dataset_info.json) once, not once per name
+                found.append(problem)
+    return found
+
+
+def _model_problems(config) -> list[tuple[str, str]]:
+    """``lora_target`` / ``freeze_*`` against the model's module names (torch is imported only when they matter)."""
+    if not config.names_model_modules:
+        return []
+    from ftkit.models.structure import training_target_problems
+
+    return training_target_problems(config)
 
 
 def _version(value: bool) -> None:
@@ -100,6 +137,13 @@ def validate(
     print(dump_resolved_config(loaded.config), end="")
 
 
+def _finite(value: float) -> float:
+    """Refuse inf and nan, which typer's ranges let through, as a usage error naming the option."""
+    if not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number.")
+    return value
+
+
 @app.command()
 def chat(
     model: Annotated[str, typer.Option(help="Model: a local dir, hub id, ms://id, .gguf file or "
@@ -108,8 +152,9 @@ def chat(
     prompt: Annotated[str | None, typer.Option(help="Answer this one prompt and exit (otherwise interactive).")] = None,
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
     template: Annotated[str, typer.Option(help="Chat template (auto = the tokenizer's own).")] = "auto",
-    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 256,
-    temperature: Annotated[float, typer.Option(help="0 = greedy (deterministic).")] = 0.0,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer, in tokens (at least 1).")] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, callback=_finite, help="0 = greedy (deterministic); "
+                                               "above 0 samples (finite, not negative).")] = 0.0,
 ) -> None:
     """Talk to a model (with optional LoRA adapters) in the terminal."""
     from ftkit.chat import run_chat
@@ -165,8 +210,7 @@ def quantize(config: Annotated[Path | None, typer.Argument(show_default=False)] 
 
 
 def _not_implemented(command: str) -> None:
-    raise FtkitError(f"`ftkit {command}` is not implemented yet in ftkit {__version__}; it is planned "
-                     "(see the README's roadmap).")
+    raise FtkitError(f"`ftkit {command}` is not implemented yet in ftkit {__version__}; it is planned.")
 
 
 @data_app.command("list")
@@ -183,7 +227,8 @@ def data_list(
 def data_preview(
     config: ConfigArg,
     overrides: OverridesArg = None,
-    num_examples: Annotated[int, typer.Option("-n", "--num-examples", help="How many examples to show.")] = 3,
+    num_examples: Annotated[int, typer.Option("-n", "--num-examples", min=0, help="How many examples to show per "
+                                              "dataset (0: only the statistics; negative numbers are refused).")] = 3,
 ) -> None:
     """Show encoded examples with the trained-on tokens highlighted, plus length, truncation and padding stats."""
     loaded = _load("train", config, overrides)

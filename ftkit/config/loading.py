@@ -8,7 +8,9 @@ did-you-mean. Validation needs only pydantic and PyYAML, so it runs before any h
 from __future__ import annotations
 
 import difflib
+import math
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,7 +19,7 @@ import yaml
 from pydantic import ValidationError
 
 from ftkit.config.foreign_keys import FOREIGN_KEYS, KEY_ALIASES, TRAINING_ARGUMENT_TYPES
-from ftkit.config.sections import Section
+from ftkit.config.sections import Problem, Section, fits_in_64_bits
 from ftkit.config.stages import STAGE_SCHEMAS
 from ftkit.errors import FtkitError
 
@@ -64,28 +66,71 @@ def read_yaml_mapping(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
         return {}, {}
     if not isinstance(values, dict):
         raise FtkitError(f"{path}: a stage config must be a mapping of keys to values, not a {type(values).__name__}.")
-    lines: dict[str, int] = {}
-    if isinstance(node, yaml.MappingNode):
-        for key_node, _ in node.value:
-            key, line = str(key_node.value), key_node.start_mark.line + 1
-            if key in lines:
-                # PyYAML keeps the last value silently; a key set twice is almost always a forgotten edit.
-                raise FtkitError(f"{path}:{line}: {key} is set twice (also on line {lines[key]}); keep one.")
-            lines[key] = line
+    lines = _key_lines(node, path) if isinstance(node, yaml.MappingNode) else {}
     return {str(k): v for k, v in values.items()}, lines
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _key_lines(node: yaml.MappingNode, path: Path) -> dict[str, int]:
+    """The line of each top-level key; keys a ``<<:`` merge key brings in get the line of the ``<<:``.
+
+    Keys are named as the loader names them (``str`` of the YAML value), so every key has a line. A null
+    key (``null:``, ``~:``) is refused at its line: it names nothing.
+    """
+    constructor = yaml.SafeLoader("")  # constructs key nodes already composed
+    lines: dict[str, int] = {}
+    merged: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        line = key_node.start_mark.line + 1
+        if key_node.tag == _MERGE_TAG:
+            for key in _merged_keys(value_node, constructor):
+                merged.setdefault(key, line)
+            continue
+        key = constructor.construct_object(key_node, deep=True)
+        if key is None:
+            raise FtkitError(f"{path}:{line}: the key '{key_node.value}' is YAML's null, not a name; write the "
+                             "key's name (quote it, 'null', if you mean the word).")
+        if str(key) in lines:
+            # PyYAML keeps the last value silently; a key set twice is almost always a forgotten edit.
+            raise FtkitError(f"{path}:{line}: {key} is set twice (also on line {lines[str(key)]}); keep one.")
+        lines[str(key)] = line
+    return {**merged, **lines}  # a key written out overrides a merged one, as in the merge itself
+
+
+def _merged_keys(node: yaml.Node, constructor: yaml.SafeLoader) -> list[str]:
+    """The keys a ``<<:`` value brings in: one mapping or a list of them, merges within merges included."""
+    if isinstance(node, yaml.SequenceNode):
+        return [key for item in node.value for key in _merged_keys(item, constructor)]
+    if not isinstance(node, yaml.MappingNode):
+        return []
+    keys = []
+    for key_node, value_node in node.value:
+        if key_node.tag == _MERGE_TAG:
+            keys += _merged_keys(value_node, constructor)
+        else:
+            keys.append(str(constructor.construct_object(key_node, deep=True)))
+    return keys
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """Turn ``key=value`` command-line arguments into a mapping; values are read as YAML scalars."""
     parsed: dict[str, Any] = {}
+    given: dict[str, str] = {}
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise FtkitError(f"Override '{item}' is not key=value (for example learning_rate=1e-4).")
+        if key in given:
+            # Hydra refuses a repeated override too: which one was meant is a guess either way.
+            raise FtkitError(f"{key} is given twice on the command line ({given[key]} and {item}); keep one.")
+        given[key] = item
         try:
-            parsed[key.strip()] = yaml.safe_load(value) if value.strip() else None
+            parsed[key] = yaml.safe_load(value) if value.strip() else None
         except yaml.YAMLError:
-            parsed[key.strip()] = value
+            parsed[key] = value
     return parsed
 
 
@@ -102,7 +147,7 @@ def _describe_errors(errors: list[dict[str, Any]]) -> str:
         return "required key, not set; add it to the config or pass it as key=value"
     messages = []
     for error in errors:
-        message = error["msg"].removeprefix("Value error, ")
+        message = error["msg"].removeprefix("Value error, ").rstrip(".")
         messages.append(message[0].lower() + message[1:] if message else message)
     prefix = "input should be "
     if len(messages) > 1 and all(m.startswith(prefix) for m in messages):
@@ -146,7 +191,9 @@ def _classify_keys(
             expected = TRAINING_ARGUMENT_TYPES[key]
             value = _yaml11_number(value, expected)
             if value is not None and not _matches_type(value, expected):
-                problems.append((key, f"{where}: {key}: expected {expected}, got {value!r}."))
+                number = isinstance(value, (int, float)) and not isinstance(value, bool)
+                problems.append((key, f"{where}: {key}: expected {expected}, got {value!r}"
+                                 + (" (numbers must be finite and fit in 64 bits)." if number else ".")))
             else:
                 passthrough[key] = value
                 notes.append(f"{where}: {key} is passed to transformers.TrainingArguments as is.")
@@ -174,8 +221,8 @@ def _yaml11_number(value: Any, expected: str) -> Any:
 def _matches_type(value: Any, expected: str) -> bool:
     checks = {
         "bool": lambda v: isinstance(v, bool),
-        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool) and fits_in_64_bits(v),
+        "float": lambda v: isinstance(v, float) and math.isfinite(v) or isinstance(v, int) and fits_in_64_bits(v),
         "str": lambda v: isinstance(v, str),
         "list": lambda v: isinstance(v, (list, str)),
         "dict": lambda v: isinstance(v, (dict, str)),
@@ -213,12 +260,23 @@ def _cross_field_problems(
     return [(key, message) for key, message in config.problems() if key not in bad_keys]
 
 
+ConfigCheck = Callable[[Any], list[Problem]]
+"""A check that reads more than the config (the dataset registry, the model's config.json): config -> problems."""
+
+
 def load_stage_config(
-    schema: type[ConfigT], path: str | Path | None, overrides: list[str] | dict[str, Any] | None = None
+    schema: type[ConfigT],
+    path: str | Path | None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    *,
+    checks: Sequence[ConfigCheck] = (),
 ) -> LoadedConfig:
     """Load, merge and validate a stage config; raise one FtkitError listing every problem found.
 
-    Problems are listed in the order of the file's lines, then those from the command line.
+    Problems are listed in the order of the file's lines, then those from the command line. ``checks``
+    (from the layers above, which may read datasets and models) run once the config is otherwise valid, so
+    a typo is reported before anything heavy is imported; their problems are reported like the others,
+    each at the line of its key.
     """
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}
@@ -254,6 +312,9 @@ def load_stage_config(
     default_origin = str(path) if path is not None else "command line"
     keyed += [(key, f"{origin.get(key, default_origin)}: {key}: {message}") for key, message in field_errors]
     keyed += [(key, f"{origin.get(key, default_origin)}: {message}") for key, message in cross]
+    if not keyed:
+        for check in checks:
+            keyed += [(key, f"{origin.get(key, default_origin)}: {message}") for key, message in check(config)]
     if keyed:
         problems = [text for _, text in sorted(keyed, key=lambda item: lines.get(item[0], 1 << 30))]
         source = path if path is not None else "the command line"

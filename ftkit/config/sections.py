@@ -9,12 +9,22 @@ concerns. Defaults follow LLaMA-Factory unless noted in the field's description.
 from __future__ import annotations
 
 import types
+from datetime import timedelta
 from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from ftkit.config.template_names import is_known_template, unknown_template_message
+
 Problem = tuple[str, str]
 """A cross-field problem: (the key it concerns, one sentence saying what is wrong and what is right)."""
+
+
+def problem_from_sentence(sentence: str, fields: Any, default_key: str) -> Problem:
+    """A problem from an error sentence of another layer: its key is the sentence's first word when that is a
+    config key (``lora_target q_prj matches no module ...``), else ``default_key``."""
+    first_word = sentence.split(" ", 1)[0]
+    return (first_word if first_word in fields else default_key, sentence)
 
 
 def split_names(value: Any) -> Any:
@@ -38,10 +48,26 @@ def yaml11_no(value: Any) -> Any:
     return "no" if value is False else value
 
 
-class Section(BaseModel):
-    """Base for every section: unknown keys are handled by the loader, types are strict enough."""
+INT64_MAX = 2**63 - 1
+"""The largest whole number torch, numpy and the tokenizers accept; larger ones overflow deep inside them."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=())
+
+def fits_in_64_bits(value: int) -> bool:
+    """Whether a whole number (not a boolean) fits in a signed 64-bit integer."""
+    return not isinstance(value, bool) and -INT64_MAX - 1 <= value <= INT64_MAX
+
+SEED_MAX = 2**32 - 1
+"""numpy seeds (set by transformers' ``set_seed``) must lie in [0, 2**32 - 1]."""
+
+
+class Section(BaseModel):
+    """Base for every section: unknown keys are handled by the loader, types are strict enough.
+
+    Numbers are finite (``.inf``, ``.nan`` and ``1e400`` are refused in every float field) and fit in 64
+    bits, so no value reaches torch, numpy or the Trainer that overflows there.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=(), allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -49,6 +75,13 @@ class Section(BaseModel):
         # pydantic's lax mode reads true as 1 for int and float fields; `lora_rank: true` is a mistake.
         if isinstance(value, bool) and info.field_name and _is_number(cls.model_fields[info.field_name].annotation):
             raise ValueError(f"expected a number, not the boolean {str(value).lower()}")
+        return value
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _fits_in_64_bits(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool) and not fits_in_64_bits(value):
+            raise ValueError(f"input should be a whole number that fits in 64 bits (at most {INT64_MAX:,})")
         return value
 
     def problems(self) -> list[Problem]:
@@ -89,6 +122,13 @@ class ModelSection(Section):
 
     _split_adapters = field_validator("adapter_name_or_path", mode="before")(split_names)
 
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, value: str) -> str:
+        if not is_known_template(value):
+            raise ValueError(unknown_template_message(value))
+        return value
+
 
 class DataSection(Section):
     """Which datasets, how they are rendered, masked, truncated and packed."""
@@ -127,8 +167,8 @@ class DataSection(Section):
         "(default: 0.5 for sft on up to 1,000 examples, else 0; 0 turns replay off)."
     )
     replay_source: str = Field(
-        "self", description="Where replay comes from: self (the base model's own answers to ftkit's general "
-        "prompts) or a dataset name or path."
+        "self", min_length=1, description="Where replay comes from: self (the base model's own answers to ftkit's "
+        "general prompts) or a dataset name or path."
     )
     system_prompt_variants: bool | None = Field(
         None, description="Train each conversation with its system prompt swapped in or out by a seeded coin, so "
@@ -235,16 +275,30 @@ class MethodSection(Section):
         return found
 
 
+# A per-device batch is bounded by what one device holds at once: 65,536 sequences is over half a million
+# tokens per step even at the shortest cutoff_len (8), beyond any accelerator's memory for a real model, so a
+# larger value is a typo. Bigger effective batches come from gradient_accumulation_steps.
+MAX_BATCH_SIZE = 65_536
+BATCH_SIZE_NOTE = "Sequences per device per step, 1 to 65,536 (use gradient_accumulation_steps for more)."
+# The Trainer multiplies epochs by steps per epoch into a step count that its schedulers turn into floats
+# (1e308 epochs overflow there); a million passes is more than any run finishes, so a larger value is a typo.
+MAX_EPOCHS = 1_000_000
+MAX_DDP_TIMEOUT = timedelta.max.days * 86_400  # transformers makes a timedelta of ddp_timeout
+
+
 class TrainingSection(Section):
     """How the optimisation runs, where it writes, and how it reports (HF TrainingArguments names)."""
 
     output_dir: str = Field(..., description="Where checkpoints, the adapter or model, logs and plots are written.")
     overwrite_output_dir: bool = Field(False, description="Allow training into a directory that holds a finished run.")
-    per_device_train_batch_size: int = Field(4, ge=1)
-    per_device_eval_batch_size: int = Field(8, ge=1)
+    per_device_train_batch_size: int = Field(4, ge=1, le=MAX_BATCH_SIZE, description=BATCH_SIZE_NOTE)
+    per_device_eval_batch_size: int = Field(8, ge=1, le=MAX_BATCH_SIZE, description=BATCH_SIZE_NOTE)
     gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(1e-4, gt=0, le=1.0)
-    num_train_epochs: float = Field(3.0, gt=0)
+    num_train_epochs: float = Field(
+        3.0, gt=0, le=MAX_EPOCHS, description="Passes over the training data (at most a million; max_steps "
+        "sets a step budget instead)."
+    )
     max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps (-1: use num_train_epochs).")
     lr_scheduler_type: Literal[
         "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -267,8 +321,10 @@ class TrainingSection(Section):
         "auto", description="bf16 mixed precision; auto = on where the device runs bf16 fast (CUDA Ampere+, AVX512-BF16/AMX CPUs)."
     )
     fp16: bool = Field(False, description="fp16 mixed precision (CUDA only).")
-    seed: int = 42
-    data_seed: int | None = None
+    seed: int = Field(42, ge=0, le=SEED_MAX, description="Random seed, 0 to 4,294,967,295 (numpy's range).")
+    data_seed: int | None = Field(
+        None, ge=0, le=SEED_MAX, description="Seed of the data order, 0 to 4,294,967,295 (default: seed)."
+    )
     resume_from_checkpoint: str | bool | None = Field(
         None, description="A checkpoint directory, or false to start over; by default the last complete checkpoint "
         "in output_dir is resumed."
@@ -289,7 +345,10 @@ class TrainingSection(Section):
         "when packing is off; unset: on with flash-attention 2 (varlen kernels), off otherwise, where "
         "length-grouped padded batches are faster."
     )
-    ddp_timeout: int = Field(1800, ge=1, description="Seconds before a multi-process collective times out.")
+    ddp_timeout: int = Field(
+        1800, ge=1, le=MAX_DDP_TIMEOUT, description="Seconds before a multi-process collective times out (at most "
+        "what a Python timedelta holds, about 2.7 million years: transformers makes one of it)."
+    )
     do_train: bool = Field(True, description="Accepted for LLaMA-Factory configs; `ftkit train` always trains.")
     extra_training_args: dict[str, Any] = Field(
         default_factory=dict, description="Other transformers.TrainingArguments keys, passed through unchanged."

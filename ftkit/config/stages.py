@@ -42,6 +42,11 @@ class TrainConfig(TrainingSection, MethodSection, DataSection, ModelSection):
         return self.finetuning_type in ("lora", "qlora")
 
     @property
+    def names_model_modules(self) -> bool:
+        """Whether lora_target (for a new adapter) or the freeze_* keys name modules of the model."""
+        return (self.uses_lora and not self.adapter_name_or_path) or self.finetuning_type == "freeze"
+
+    @property
     def uses_packing(self) -> bool:
         if self.packing is None:
             return self.stage == "pt" or self.neat_packing
