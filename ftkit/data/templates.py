@@ -16,10 +16,16 @@ tokenizer's own template (their models ship one), reported as a one-line note.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ftkit.config.template_names import (
+    FTKIT_TEMPLATE_NAMES,
+    LLAMAFACTORY_TO_FTKIT,
+    LLAMAFACTORY_TOKENIZER_OWN,
+    MODELS_OWN_FORMAT,
+    unknown_template_message,
+)
 from ftkit.errors import FtkitError
 
 Message = dict[str, str]
@@ -104,7 +110,7 @@ _FTKIT_TEMPLATES: dict[str, str] = {
     "mistral": _MISTRAL,
     "qwen": _QWEN,
 }
-TEMPLATE_NAMES: tuple[str, ...] = tuple(sorted(_FTKIT_TEMPLATES))
+TEMPLATE_NAMES: tuple[str, ...] = FTKIT_TEMPLATE_NAMES  # the names live in config (checked there without imports)
 
 # Tokens a template writes literally; each must be one token of the tokenizer or the template cannot work.
 _REQUIRED_TOKENS: dict[str, tuple[str, ...]] = {
@@ -112,41 +118,6 @@ _REQUIRED_TOKENS: dict[str, tuple[str, ...]] = {
     "qwen": ("<|im_start|>", "<|im_end|>"),
     "llama3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
 }
-
-# LLaMA-Factory names that correspond to one of ours.
-_LLAMAFACTORY_TO_FTKIT: dict[str, str] = {
-    "alpaca": "alpaca",
-    "chatml": "chatml",
-    "default": "default",
-    "empty": "default",
-    "llama3": "llama3",
-    "mistral": "mistral",
-    "qwen": "qwen",
-    "qwen2_vl": "qwen",
-}
-# LLaMA-Factory names whose models ship their own chat template: we use the tokenizer's.
-_LLAMAFACTORY_TOKENIZER_OWN: frozenset[str] = frozenset(
-    {
-        "aquila", "atom", "baichuan", "baichuan2", "bailing", "bailing_v2", "belle", "bluelm", "breeze",
-        "chatglm2", "chatglm3", "chatml_de", "codegeex2", "codegeex4", "cohere", "cpm", "cpm3", "cpm4", "dbrx",
-        "deepseek", "deepseek3", "deepseekr1", "deepseekcoder", "dots_ocr", "ernie", "ernie_nothink",
-        "ernie_vl", "exaone", "falcon", "falcon_h1", "fewshot", "gemma", "gemma2", "gemma3", "gemma3n", "glm4",
-        "glm4_moe", "glm4v", "glm4_1v", "glm4_5v", "glmz1", "gpt_oss", "granite3", "granite3_vision",
-        "granite4", "hunyuan", "index", "intern", "intern2", "intern_vl", "intern_s1", "keye_vl", "kimi_vl",
-        "lfm2", "llama2", "llama2_zh", "llama4", "mllama", "moonlight", "llava", "llava_next",
-        "llava_next_llama3", "llava_next_mistral", "llava_next_qwen", "llava_next_yi", "llava_next_video",
-        "llava_next_video_mistral", "llava_next_video_yi", "marco", "mimo", "mimo_v2", "mimo_vl", "minicpm_v",
-        "minicpm_o", "minimax1", "minimax2", "ministral", "mistral_small", "ministral3", "olmo", "openchat",
-        "openchat-3.6", "opencoder", "orion", "paligemma", "paligemma_chat", "phi", "phi_small", "phi4",
-        "phi4_mini", "pixtral", "qwen3", "qwen3_nothink", "qwen2_audio", "qwen2_omni", "qwen3_omni",
-        "qwen3_omni_nothink", "qwen3_vl", "qwen3_vl_nothink", "sailor", "seed_coder", "seed_oss", "skywork_o1",
-        "smollm", "smollm2", "solar", "starchat", "telechat", "telechat2", "vicuna", "video_llava", "xuanyuan",
-        "xverse", "yayi", "yi", "yi_vl", "yuan", "zephyr", "ziya"
-    }
-)
-# Of those, the ones that are simply the model's own format (no reason to mention a substitution).
-_MODELS_OWN_FORMAT: frozenset[str] = frozenset({"smollm", "smollm2"})
-
 
 @dataclass(frozen=True)
 class ResolvedTemplate:
@@ -185,21 +156,21 @@ def resolve_chat_template(tokenizer: Any, name: str) -> ResolvedTemplate:
         return _ftkit_template(tokenizer, "default", note)
     if key in _FTKIT_TEMPLATES:
         return _ftkit_template(tokenizer, key, None)
-    if key in _LLAMAFACTORY_TO_FTKIT:
-        target = _LLAMAFACTORY_TO_FTKIT[key]
+    if key in LLAMAFACTORY_TO_FTKIT:
+        target = LLAMAFACTORY_TO_FTKIT[key]
         note = None if target == key else f"LLaMA-Factory template '{key}' is ftkit's '{target}' template"
         return _ftkit_template(tokenizer, target, note)
-    if key in _LLAMAFACTORY_TOKENIZER_OWN:
+    if key in LLAMAFACTORY_TOKENIZER_OWN:
         if own is None:
             raise FtkitError(
                 f"Template '{name}' is a LLaMA-Factory template that ftkit takes from the model's tokenizer, but "
                 f"this tokenizer has no chat template; set template to one of {', '.join(TEMPLATE_NAMES)}."
             )
         note = None
-        if key not in _MODELS_OWN_FORMAT:
+        if key not in MODELS_OWN_FORMAT:
             note = f"ftkit ships no '{key}' template; using the tokenizer's own chat template"
         return ResolvedTemplate(key, own, "tokenizer", note)
-    raise FtkitError(_unknown_template_message(name))
+    raise FtkitError(unknown_template_message(name))
 
 
 def apply_chat_template_to_tokenizer(tokenizer: Any, name: str) -> ResolvedTemplate:
@@ -262,16 +233,3 @@ def _ftkit_template(tokenizer: Any, name: str, note: str | None) -> ResolvedTemp
 
 def _is_single_token(tokenizer: Any, token: str) -> bool:
     return len(tokenizer.encode(token, add_special_tokens=False)) == 1
-
-
-def _unknown_template_message(name: str) -> str:
-    key = name.strip().lower()
-    # Our own names first: "chatlm" should suggest chatml, not LLaMA-Factory's chatglm3.
-    close = difflib.get_close_matches(key, ["auto", *TEMPLATE_NAMES], n=1) or difflib.get_close_matches(
-        key, [*_LLAMAFACTORY_TO_FTKIT, *_LLAMAFACTORY_TOKENIZER_OWN], n=1
-    )
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return (
-        f"Unknown template '{name}'{hint}; ftkit templates are auto, {', '.join(TEMPLATE_NAMES)}, "
-        "and LLaMA-Factory template names are accepted too."
-    )
