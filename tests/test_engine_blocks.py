@@ -135,7 +135,7 @@ def test_the_cache_takes_kv_cache_memory_or_a_small_cpu_default_and_never_more_t
     assert (blocks, max_len) == (512, 8192)
     blocks, _ = plan_kv_blocks(EngineOptions(max_num_seqs=10_000), bytes_per_block=GIB // 1024, model_max_len=8192,
                                device=cpu)
-    assert blocks <= 1024  # at most 1 GiB on CPU by default
+    assert blocks <= 512  # at most 0.5 GiB on CPU by default
     blocks, _ = plan_kv_blocks(EngineOptions(max_num_seqs=2, kv_cache_memory=4), bytes_per_block=1024,
                                model_max_len=64, device=cpu)
     assert blocks == 2 * 4  # two sequences of 64 tokens in blocks of 16

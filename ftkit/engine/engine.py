@@ -16,10 +16,12 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ftkit.engine.block_pool import BlockPool
 from ftkit.engine.kv_cache_manager import KVCacheManager
+from ftkit.engine.lora import MultiLoRA
 from ftkit.engine.model_runner import (
     PagedModelRunner,
     RecomputeModelRunner,
@@ -33,6 +35,7 @@ from ftkit.engine.request import CompletionOutput, Request, RequestOutput, Sampl
 from ftkit.engine.sampler import sample_step
 from ftkit.engine.scheduler import Scheduler
 from ftkit.errors import FtkitError
+from ftkit.models import resolve_adapter_dir
 
 Prompt = str | Sequence[int]
 
@@ -89,12 +92,12 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv_cache, max_num_seqs=options.max_num_seqs,
                                    max_num_batched_tokens=options.max_num_batched_tokens,
                                    policy=options.scheduling_policy)
+        self.lora = MultiLoRA(model, max_loras=options.max_loras) if options.max_loras else None
         if supports_paged_attention(model):
             self.runner: PagedModelRunner | RecomputeModelRunner = PagedModelRunner(
-                model, self.kv_cache, num_blocks=self.num_blocks, dtype=self.dtype, device=self.device)
+                model, self.kv_cache, num_blocks=self.num_blocks, dtype=self.dtype, device=self.device, lora=self.lora)
         else:
-            self.runner = RecomputeModelRunner(model, self.device)
-        self.adapters: dict[str, Any] = {}
+            self.runner = RecomputeModelRunner(model, self.device, lora=self.lora)
         self.stats = EngineStats()
         self._groups: dict[str, _Group] = {}
 
@@ -124,7 +127,7 @@ class LLMEngine:
         except FtkitError as error:
             raise FtkitError(f"Request {request_id!r}: {error}") from None
         if adapter is not None and adapter not in self.adapters:
-            known = ", ".join(sorted(self.adapters)) or "none"
+            known = ", ".join(self.adapters) or "none"
             raise FtkitError(f"Request {request_id!r} asks for adapter {adapter!r}, which is not loaded "
                              f"(loaded: {known}).")
         samples = [Request(request_id if params.n == 1 else f"{request_id}#{index}", token_ids, params,
@@ -139,6 +142,25 @@ class LLMEngine:
         else:
             for sample in samples[1:]:
                 self.scheduler.add(sample)
+
+    @property
+    def adapters(self) -> list[str]:
+        """The names of the resident LoRA adapters requests may ask for."""
+        return self.lora.names if self.lora is not None else []
+
+    def load_adapter(self, name: str, adapter: str | Path) -> None:
+        """Make a saved LoRA adapter (a directory or hub id) servable as ``name``, beside the base and the others.
+
+        Replacing an adapter that unfinished requests use is refused; replacing an idle one forgets the
+        prefix cache (its entries were computed with the old weights).
+        """
+        if self.lora is None:
+            raise FtkitError("This engine was built with max_loras: 0; build it with max_loras >= 1 to serve adapters.")
+        in_use = {r.adapter for g in self._groups.values() for r in g.samples if not r.finished and r.adapter}
+        if name in in_use:
+            raise FtkitError(f"Adapter {name!r} is serving requests; load the new weights under another name.")
+        if self.lora.load(name, resolve_adapter_dir(str(adapter)), in_use=in_use):
+            self.pool.reset_prefix_cache()
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ftkit.engine.kv_cache_manager import KVCacheManager
+from ftkit.engine.lora import MultiLoRA
 from ftkit.engine.paged_attention import ATTENTION_NAME, PagedKVCache, StepAttention, register_paged_attention
 from ftkit.engine.request import Request
 
@@ -87,13 +88,26 @@ def _plan_rows(plan: list[tuple[Request, int]]) -> tuple[list[int], list[Request
     return rows, placed
 
 
+@contextlib.contextmanager
+def _lora_step(lora: MultiLoRA | None, plan: list[tuple[Request, int]], device: torch.device) -> Iterator[None]:
+    """Tell the LoRA layers which step rows belong to which adapter, for one forward."""
+    if lora is None or not any(request.adapter for request, _ in plan):
+        yield
+        return
+    lora.begin_step([request.adapter for request, count in plan for _ in range(count)], device)
+    try:
+        yield
+    finally:
+        lora.end_step()
+
+
 class PagedModelRunner:
     """One batched step of a transformers causal LM over the paged KV cache."""
 
     def __init__(self, model: Any, kv_cache: KVCacheManager, *, num_blocks: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, lora: MultiLoRA | None = None) -> None:
         register_paged_attention()
-        self.model, self.kv_cache, self.device = model, kv_cache, device
+        self.model, self.kv_cache, self.device, self.lora = model, kv_cache, device, lora
         num_layers, kv_heads, head_dim = model_geometry(model)
         self.cache = PagedKVCache(num_layers=num_layers, num_blocks=num_blocks, block_size=kv_cache.block_size,
                                   num_kv_heads=kv_heads, head_dim=head_dim, dtype=dtype, device=device)
@@ -131,7 +145,7 @@ class PagedModelRunner:
                 prefills.append((row, count, context))
         rows, placed = _plan_rows(plan)
         step = StepAttention.build(self.cache, slots, decodes, prefills, self.device)
-        with self._paged_attention():
+        with self._paged_attention(), _lora_step(self.lora, plan, self.device):
             output = self.model(
                 input_ids=torch.tensor([tokens], device=self.device),
                 position_ids=torch.tensor([positions], device=self.device),
@@ -143,8 +157,8 @@ class PagedModelRunner:
 class RecomputeModelRunner:
     """The slow, general path: each sampling request's whole sequence through the model's own forward."""
 
-    def __init__(self, model: Any, device: torch.device) -> None:
-        self.model, self.device = model, device
+    def __init__(self, model: Any, device: torch.device, lora: MultiLoRA | None = None) -> None:
+        self.model, self.device, self.lora = model, device, lora
         logger.warning("The engine does not know how to page the KV cache of %s; using the slower path that "
                        "recomputes each sequence every step.", type(model).__name__)
 
@@ -156,7 +170,8 @@ class RecomputeModelRunner:
             if item.sample_row is None and item.prompt_rows is None:
                 continue
             ids = torch.tensor([request.all_token_ids[:request.num_computed_tokens + count]], device=self.device)
-            logits = self.model(input_ids=ids, use_cache=False).logits[0].float()
+            with _lora_step(self.lora, [(request, ids.shape[1])], self.device):
+                logits = self.model(input_ids=ids, use_cache=False).logits[0].float()
             if item.prompt_rows is not None:
                 _, first, num_rows = item.prompt_rows
                 pieces.append(logits[first:first + num_rows])

@@ -1,7 +1,7 @@
 """The engine's settings, and how many KV blocks fit the memory it may use.
 
 On CUDA the cache takes ``kv_cache_fraction`` of the memory free after the weights are loaded; on CPU it
-takes at most 1 GiB or a tenth of the available RAM, whichever is smaller (transformers' continuous
+takes at most 0.5 GiB or a tenth of the available RAM, whichever is smaller (transformers' continuous
 batching takes 60% of RAM by default: 8.5 GB measured here). ``kv_cache_memory`` (GiB) overrides both.
 The cache is never bigger than ``max_num_seqs`` full-length sequences could use.
 """
@@ -15,7 +15,7 @@ import torch
 from ftkit.errors import FtkitError
 
 GIB = 1024**3
-CPU_KV_CACHE_CAP = 1 * GIB
+CPU_KV_CACHE_CAP = GIB // 2
 CPU_KV_CACHE_SHARE = 0.1
 
 
@@ -32,6 +32,7 @@ class EngineOptions:
     num_kv_blocks: int | None = None  # an exact block count (tests, benchmarks); overrides the memory rules
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"
+    max_loras: int = 4  # adapters resident at once (multi-LoRA)
 
     def validate(self) -> None:
         """Raise ``FtkitError`` naming the first setting out of range."""
@@ -45,6 +46,7 @@ class EngineOptions:
             (self.kv_cache_memory is None or self.kv_cache_memory > 0,
              f"kv_cache_memory must be a positive number of GiB, got {self.kv_cache_memory}"),
             (0 < self.kv_cache_fraction <= 0.95, f"kv_cache_fraction must be in (0, 0.95], got {self.kv_cache_fraction}"),
+            (self.max_loras >= 0, f"max_loras must be 0 or more, got {self.max_loras}"),
             (self.num_kv_blocks is None or self.num_kv_blocks >= 1,
              f"num_kv_blocks must be at least 1, got {self.num_kv_blocks}"),
         ]

@@ -31,11 +31,14 @@ class PagedKVCache:
 
     def __init__(self, *, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
-        shape = (num_blocks * block_size, num_kv_heads, head_dim)
-        # Zeros, not empty: padded gathers read unwritten slots (masked out, but NaN garbage times 0 is NaN).
-        # On CPU zeroed pages cost no memory until written.
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # Uninitialised, so a CPU process only pays for the pages it writes; the one extra slot at the end is
+        # zeroed and pads the decode gathers (masked out, but uninitialised NaN times a zero weight is NaN).
+        self.pad_slot = num_blocks * block_size
+        shape = (self.pad_slot + 1, num_kv_heads, head_dim)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        for tensor in (*self.keys, *self.values):
+            tensor[self.pad_slot].zero_()
         self.block_size = block_size
 
     @staticmethod
@@ -62,7 +65,7 @@ class StepAttention:
     cache: PagedKVCache
     slot_mapping: torch.Tensor  # [tokens]: where each new token's K/V goes
     decode_rows: torch.Tensor | None  # [decodes]: the step rows of single-token requests
-    decode_slots: torch.Tensor | None  # [decodes, longest context]: their context slots, padded with 0
+    decode_slots: torch.Tensor | None  # [decodes, longest context]: their context slots, then the pad slot
     decode_mask: torch.Tensor | None  # [decodes, 1, 1, longest context]: True where a slot is real
     prefills: list[PrefillChunk]
 
@@ -73,7 +76,7 @@ class StepAttention:
         decode_rows = decode_slots = decode_mask = None
         if decodes:
             longest = max(len(slots) for _, slots in decodes)
-            padded = [slots + [0] * (longest - len(slots)) for _, slots in decodes]
+            padded = [slots + [cache.pad_slot] * (longest - len(slots)) for _, slots in decodes]
             lengths = torch.tensor([len(slots) for _, slots in decodes])
             decode_rows = torch.tensor([row for row, _ in decodes], device=device)
             decode_slots = torch.tensor(padded, device=device)
@@ -96,14 +99,15 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     output = torch.empty_like(queries)
     if step.decode_rows is not None:
         q = queries[step.decode_rows][:, :, None, :]  # [decodes, heads, 1, dim]
-        k = keys[step.decode_slots].transpose(1, 2)  # [decodes, kv_heads, context, dim]
-        v = values[step.decode_slots].transpose(1, 2)
+        shape = (*step.decode_slots.shape, *keys.shape[1:])  # index_select: about twice as fast as keys[slots]
+        k = keys.index_select(0, step.decode_slots.view(-1)).view(shape).transpose(1, 2)  # [decodes, kv_heads, context, dim]
+        v = values.index_select(0, step.decode_slots.view(-1)).view(shape).transpose(1, 2)
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=step.decode_mask, scale=scaling, enable_gqa=True)
         output[step.decode_rows] = attended[:, :, 0, :]
     for chunk in step.prefills:
         q = queries[chunk.start:chunk.start + chunk.length].transpose(0, 1)[None]  # [1, heads, length, dim]
-        k = keys[chunk.context_slots].transpose(0, 1)[None]
-        v = values[chunk.context_slots].transpose(0, 1)[None]
+        k = keys.index_select(0, chunk.context_slots).transpose(0, 1)[None]
+        v = values.index_select(0, chunk.context_slots).transpose(0, 1)[None]
         context = chunk.context_slots.numel()
         if context == chunk.length:
             attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)

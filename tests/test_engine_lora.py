@@ -1,0 +1,68 @@
+"""Multi-LoRA: requests for different adapters of one base in one batch each give what the adapter merged into
+the base gives; adapters are loaded by name, at most ``max_loras`` resident."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ftkit.engine import EngineOptions, LLMEngine, SamplingParams
+from ftkit.errors import FtkitError
+from ftkit.models import load_for_inference
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+PROMPT = list(range(1000, 1040))  # two and a half blocks: the prefix cache is exercised
+
+
+def save_random_lora(base_dir, directory, seed: int):
+    """A LoRA adapter with random A and B (peft initialises B to zero: that would change nothing)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_llama_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("loras")
+    return {name: save_random_lora(tiny_llama_dir, root / name, seed) for name, seed in (("red", 1), ("blue", 2))}
+
+
+def merged_answer(base_dir, adapter_dir) -> list[int]:
+    loaded = load_for_inference(str(base_dir), [adapter_dir] if adapter_dir else None, dtype=torch.float32,
+                                device=torch.device("cpu"))
+    return LLMEngine.from_inference_model(loaded).generate([PROMPT], GREEDY)[0].outputs[0].token_ids
+
+
+def test_requests_for_different_adapters_in_one_batch_each_get_their_merged_models_answer(tiny_llama_dir, adapters):
+    expected = {name: merged_answer(tiny_llama_dir, adapters.get(name)) for name in (None, "red", "blue")}
+    assert len({tuple(tokens) for tokens in expected.values()}) == 3  # the adapters do change the answer
+    base = load_for_inference(str(tiny_llama_dir), dtype=torch.float32, device=torch.device("cpu"))
+    engine = LLMEngine.from_inference_model(base)
+    for name, directory in adapters.items():
+        engine.load_adapter(name, directory)
+    order = [None, "red", "blue", "red", None]
+    outputs = engine.generate([PROMPT] * len(order), GREEDY, adapters=order)
+    assert [o.outputs[0].token_ids for o in outputs] == [expected[name] for name in order]
+    again = engine.generate([PROMPT], GREEDY, adapters=["blue"])[0]  # after the cache holds all three prompts
+    assert again.outputs[0].token_ids == expected["blue"]
+    assert engine.free_blocks_all_returned()
+
+
+def test_at_most_max_loras_are_resident_and_a_busy_one_is_never_evicted(tiny_llama_dir, adapters):
+    base = load_for_inference(str(tiny_llama_dir), dtype=torch.float32, device=torch.device("cpu"))
+    engine = LLMEngine.from_inference_model(base, EngineOptions(max_loras=1))
+    engine.load_adapter("red", adapters["red"])
+    engine.add_request("busy", PROMPT, GREEDY, adapter="red")
+    with pytest.raises(FtkitError, match="all max_loras=1 resident adapters are serving requests"):
+        engine.load_adapter("blue", adapters["blue"])
+    while engine.has_unfinished_requests:
+        engine.step()
+    engine.load_adapter("blue", adapters["blue"])  # red is idle now: evicted
+    assert engine.adapters == ["blue"]
+    with pytest.raises(FtkitError, match="asks for adapter 'red', which is not loaded \\(loaded: blue\\)"):
+        engine.add_request("late", PROMPT, GREEDY, adapter="red")
