@@ -96,13 +96,16 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     keys.index_copy_(0, step.slot_mapping, key[0].transpose(0, 1).to(keys.dtype))
     values.index_copy_(0, step.slot_mapping, value[0].transpose(0, 1).to(values.dtype))
     queries = query[0].transpose(0, 1)  # [tokens, heads, dim]
-    output = torch.empty_like(queries)
+    only_decodes = not step.prefills  # then the decode rows are all the rows, in order: no gather, no scatter
+    output = None if only_decodes else torch.empty_like(queries)
     if step.decode_rows is not None:
-        q = queries[step.decode_rows][:, :, None, :]  # [decodes, heads, 1, dim]
+        q = (queries if only_decodes else queries[step.decode_rows])[:, :, None, :]  # [decodes, heads, 1, dim]
         shape = (*step.decode_slots.shape, *keys.shape[1:])  # index_select: about twice as fast as keys[slots]
         k = keys.index_select(0, step.decode_slots.view(-1)).view(shape).transpose(1, 2)  # [decodes, kv_heads, context, dim]
         v = values.index_select(0, step.decode_slots.view(-1)).view(shape).transpose(1, 2)
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=step.decode_mask, scale=scaling, enable_gqa=True)
+        if only_decodes:
+            return attended.transpose(1, 2).reshape(1, -1, *queries.shape[1:]), None
         output[step.decode_rows] = attended[:, :, 0, :]
     for chunk in step.prefills:
         q = queries[chunk.start:chunk.start + chunk.length].transpose(0, 1)[None]  # [1, heads, length, dim]
