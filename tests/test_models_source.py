@@ -146,13 +146,15 @@ def test_hub_cache_dir_and_commit_revision_are_honoured(clean_hub_env, tmp_path,
     assert source.path == snapshot
 
 
-def test_hub_model_not_cached_while_offline_is_one_sentence(clean_hub_env):
+def test_hub_model_not_cached_while_offline_is_one_sentence(clean_hub_env, tmp_path):
     clean_hub_env.setenv("HF_HUB_OFFLINE", "1")
+    clean_hub_env.chdir(tmp_path)
     with pytest.raises(FtkitError) as error:
         resolve_model_source("ftkit-test/not-cached")
-    assert str(error.value) == (
-        "Model 'ftkit-test/not-cached' is not in the local Hugging Face cache and the hub cannot be reached "
-        "(HF_HUB_OFFLINE is set). Download it first (`hf download ftkit-test/not-cached`) or pass a local directory."
+    assert str(error.value) == (  # org/name reads as a relative path too: both readings are named
+        f"Model 'ftkit-test/not-cached' is neither a local folder (there is no folder {tmp_path}/ftkit-test/not-cached) "
+        "nor in the local Hugging Face cache, and the hub cannot be reached (HF_HUB_OFFLINE is set); fix the path, or "
+        "download it first (`hf download ftkit-test/not-cached`)."
     )
 
 
@@ -165,7 +167,7 @@ def test_unreachable_hub_falls_back_to_the_cache(clean_hub_env, tmp_path, tiny_l
     with pytest.raises(FtkitError) as error:
         resolve_model_source("ftkit-test/not-cached", revision="v2")
     message = str(error.value)
-    assert "is not in the local Hugging Face cache and the hub cannot be reached (" in message
+    assert "nor in the local Hugging Face cache, and the hub cannot be reached (" in message
     assert "`hf download ftkit-test/not-cached --revision v2`" in message
 
 
@@ -199,7 +201,7 @@ def test_modelscope_model_not_cached_while_offline_is_one_sentence(clean_hub_env
         resolve_model_source("ms://ftkit-test/not-cached")
     assert str(error.value) == (
         "Model 'ms://ftkit-test/not-cached' is not in the local ModelScope cache and ModelScope cannot be reached "
-        "(HF_HUB_OFFLINE is set). Download it first (`modelscope download --model ftkit-test/not-cached`) or pass "
+        "(HF_HUB_OFFLINE is set); download it first (`modelscope download --model ftkit-test/not-cached`) or pass "
         "a local directory."
     )
 
@@ -240,6 +242,32 @@ def test_adapter_dir_resolution_and_errors(tmp_path, tiny_llama_dir):
         resolve_adapter_dir(str(tmp_path))
     with pytest.raises(FtkitError, match="Adapter path ./missing-adapter does not exist"):
         resolve_adapter_dir("./missing-adapter")
+    (tmp_path / "train.yaml").write_text("lora_rank: 8\n")
+    with pytest.raises(FtkitError, match="Adapter path .*train.yaml is a file, not a folder; pass the directory"):
+        resolve_adapter_dir(str(tmp_path / "train.yaml"))
+
+
+def test_adapter_not_cached_while_offline_names_both_readings(clean_hub_env, tmp_path):
+    clean_hub_env.setenv("HF_HUB_OFFLINE", "1")
+    clean_hub_env.chdir(tmp_path)
+    with pytest.raises(FtkitError) as error:
+        resolve_adapter_dir("ad/nope")
+    assert str(error.value).startswith(
+        f"Adapter 'ad/nope' is neither a local folder (there is no folder {tmp_path}/ad/nope) nor in the local "
+        "Hugging Face cache")
+
+
+@pytest.mark.parametrize(("content", "reason"), [
+    (b"", "it is empty"),
+    (b"PK\x03\x04 a zip file", "it starts with b'PK\\x03\\x04', not the GGUF magic b'GGUF'"),
+    (b"GGUF" + bytes(4), "the gguf package cannot read it"),
+])
+def test_a_gguf_path_that_is_no_gguf_file_is_refused_before_loading(tmp_path, content, reason):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(content)
+    with pytest.raises(FtkitError) as error:
+        resolve_model_source(str(path))
+    assert str(error.value).startswith(f"Model file {path} is not a valid GGUF file: {reason}")
 
 
 def test_adapter_from_the_offline_hub_cache(clean_hub_env, tmp_path):

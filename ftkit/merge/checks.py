@@ -1,8 +1,9 @@
 """What merge-lora refuses, each in one sentence, as early as it can be known.
 
-Before any model is loaded: an export_dir that is not empty (without ``overwrite``), one that is an
-input, an adapter trained on another base (architecture, hidden size or name). Once the base is loaded
-(sizes known): an ``export_size`` that would write one shard per tensor, and a disk without room.
+Before any model is loaded: an export_dir that is not empty (without ``overwrite``), one that is, holds
+or sits inside an input, an adapter listed twice (``ftkit.models.source.refuse_repeated_adapters``), an
+adapter trained on another base (architecture, hidden size or name). Once the base is loaded (sizes
+known): an ``export_size`` that would write one shard per tensor, and a disk without room.
 Shapes and ranks are checked by ``ftkit.models.saved_adapters.check_adapter_matches`` as each adapter loads.
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,6 +21,7 @@ from torch import nn
 
 from ftkit.errors import FtkitError
 from ftkit.models import ModelSource, adapter_base_name
+from ftkit.models.source import model_identity
 
 GB = 10**9
 """export_size is in decimal gigabytes, as transformers' ``max_shard_size="5GB"`` is."""
@@ -40,13 +41,17 @@ def check_export_dir(export_dir: Path, *, overwrite: bool) -> None:
 
 
 def check_export_dir_is_not_an_input(export_dir: Path, inputs: Iterable[tuple[str, Path]]) -> None:
-    """Writing over (or around) the base or an adapter would destroy what is being merged."""
+    """Writing over (or around) the base or an adapter would destroy what is being merged, and writing inside one
+    would mix the export's files into it (an adapter folder holding a full model is taken for a model)."""
     target = export_dir.expanduser().resolve()
     for role, path in inputs:
         source = path.expanduser().resolve()
         if target == source or target in source.parents:
             raise FtkitError(f"export_dir {export_dir} is (or contains) the {role} {path}; write the export to "
                              "another directory.")
+        if source in target.parents:
+            raise FtkitError(f"export_dir {export_dir} is inside the {role} {path}, which the export's files would "
+                             "be mixed into; write the export to a directory outside it.")
 
 
 def check_adapter_base(adapter_dir: Path, model_name: str, source: ModelSource, trained_on: str | None) -> None:
@@ -123,19 +128,6 @@ def tensor_sizes(model: nn.Module, dtype: torch.dtype) -> list[tuple[str, int]]:
         itemsize = dtype.itemsize if tensor.is_floating_point() else tensor.element_size()
         sizes.append((name, tensor.numel() * itemsize))
     return sizes
-
-
-def model_identity(name_or_path: str) -> str:
-    """A comparable model name: the last path component, lower-cased, without hub-cache or GGUF decorations."""
-    text = name_or_path.strip().rstrip("/\\").removeprefix("ms://")
-    parts = [part for part in re.split(r"[/\\]", text) if part]
-    for part in parts:
-        if part.startswith("models--"):  # the Hugging Face cache: models--org--name/snapshots/<hash>
-            return part.split("--")[-1].lower()
-    last = parts[-1] if parts else text
-    if last.lower().endswith(".gguf"):
-        last = re.sub(r"[.-](i?q\d\w*|f16|f32|bf16)$", "", last[:-5], flags=re.IGNORECASE)
-    return last.lower()
 
 
 def _same_model(recorded: str, model_name: str, model_path: Path) -> bool:

@@ -57,17 +57,15 @@ def run_merge(loaded: LoadedConfig) -> MergeResult:
     """Run ``ftkit merge-lora`` for a validated config; raise FtkitError (leaving nothing behind) on failure."""
     from transformers.utils import logging as transformers_logging
 
-    from ftkit.models import model_source_from_config, resolve_adapter_dir
+    from ftkit.models import adapter_dirs_from_config, model_source_from_config
 
     config: MergeConfig = loaded.config
     export_dir = Path(config.export_dir).expanduser()
     checks.check_export_dir(export_dir, overwrite=config.overwrite)
     source = model_source_from_config(config)
-    token = config.ms_hub_token if config.use_modelscope else config.hf_hub_token
-    adapter_dirs = [resolve_adapter_dir(name, use_modelscope=config.use_modelscope, revision=config.model_revision,
-                                        cache_dir=config.cache_dir, token=token)
-                    for name in config.adapter_name_or_path or []]
-    inputs = [("adapter", directory) for directory in adapter_dirs] + [("base model", source.path)]
+    adapter_dirs = adapter_dirs_from_config(config)  # an adapter listed twice is refused: it would merge twice
+    base_path = source.path / source.gguf_file if source.gguf_file else source.path  # a GGUF base is its file
+    inputs = [("adapter", directory) for directory in adapter_dirs] + [("base model", base_path)]
     checks.check_export_dir_is_not_an_input(export_dir, inputs)
     trainings = [read_adapter_training(directory) for directory in adapter_dirs]
     for training in trainings:

@@ -9,6 +9,7 @@ weights (we merge in the loaded precision and cast once, as the merge-lora expor
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,13 +18,17 @@ from torch import nn
 
 from ftkit.errors import FtkitError
 from ftkit.models.parameters import cast_weights, is_quantized, upcast_trainable
-from ftkit.models.source import adapter_base_name
+from ftkit.models.source import adapter_base_name, model_identity
 
 if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedModel
 
 _LORA_KEY_MARKERS = (".lora_A.", ".lora_B.", ".lora_magnitude_vector", ".lora_embedding_A", ".lora_embedding_B")
+# Layers whose input (lora_A's width) or output (lora_B's height) is the model's hidden size.
+_READS_HIDDEN = {"q_proj", "k_proj", "v_proj", "qkv_proj", "gate_proj", "up_proj", "gate_up_proj", "query_key_value",
+                 "c_attn", "W_pack", "c_fc", "fc1", "query", "key", "value", "Wqkv"}
+_WRITES_HIDDEN = {"o_proj", "down_proj", "out_proj", "c_proj", "fc2", "wo"}
 
 
 def load_adapters(
@@ -86,20 +91,55 @@ def check_adapter_matches(model: nn.Module, adapter_dir: Path) -> None:
     base = getattr(model, "get_base_model", lambda: model)()
     shapes = _saved_shapes(adapter_dir)
     modules, params = dict(base.named_modules()), dict(base.named_parameters(remove_duplicate=False))
-    trained_on = adapter_base_name(adapter_dir) or "another model"
     for key, shape in shapes.items():
         problem = _shape_problem(key, shape, modules, params)
         if problem:
-            raise FtkitError(
-                f"Adapter {adapter_dir} does not fit this base model: {problem} (it was trained on '{trained_on}'); "
-                "pass that base as model_name_or_path."
-            )
+            raise FtkitError(_mismatch_message(adapter_dir, problem, shapes, base))
     for key, shape in shapes.items():
         problem = _rank_problem(key, shape, modules)
         if problem:
             raise FtkitError(f"Adapter {adapter_dir} {problem}; it cannot be a LoRA of this model: retrain it with a "
                              "smaller lora_rank (or check that adapter_config.json belongs to these weights).")
     _check_configured_rank(adapter_dir, shapes)
+
+
+def _mismatch_message(adapter_dir: Path, problem: str, shapes: dict[str, tuple[int, ...]], base: nn.Module) -> str:
+    """The shape mismatch, and what base the adapter needs: the one it records, unless that is this base."""
+    recorded = adapter_base_name(adapter_dir)
+    if recorded and not _names_this_base(recorded, base):
+        return (f"Adapter {adapter_dir} does not fit this base model: {problem} (it was trained on '{recorded}'); pass "
+                "that base as model_name_or_path.")
+    config = getattr(base, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    have, needed = getattr(text_config, "hidden_size", None), _hidden_size_needed(shapes)
+    size = f"the adapter needs a base with hidden size {needed} (this one has {have})" if needed and have and \
+        needed != have else "the adapter was trained on a base of other shapes"
+    record = f", although its adapter_config.json names this base ('{recorded}')" if recorded else ""
+    return (f"Adapter {adapter_dir} does not fit this base model: {problem}; {size}{record}: pass the model it was "
+            "trained on as model_name_or_path.")
+
+
+def _names_this_base(recorded: str, base: nn.Module) -> bool:
+    """Whether the adapter's recorded base is the model ``base`` was loaded from (same folder or same model name)."""
+    loaded_from = str(getattr(getattr(base, "config", None), "_name_or_path", "") or "")
+    if not loaded_from:
+        return False
+    recorded_path, loaded_path = Path(recorded).expanduser(), Path(loaded_from).expanduser()
+    if recorded_path.exists() and loaded_path.exists():
+        return recorded_path.resolve() == loaded_path.resolve()
+    return model_identity(recorded) == model_identity(loaded_from)
+
+
+def _hidden_size_needed(shapes: dict[str, tuple[int, ...]]) -> int | None:
+    """The hidden size the adapter's LoRA weights were made for (the most common one among layers that show it)."""
+    sizes: Counter[int] = Counter()
+    for key, shape in shapes.items():
+        layer = key.split(".lora_")[0].rsplit(".", 1)[-1]
+        if ".lora_A." in key and layer in _READS_HIDDEN and len(shape) == 2:
+            sizes[shape[1]] += 1
+        elif ".lora_B." in key and layer in _WRITES_HIDDEN and len(shape) == 2:
+            sizes[shape[0]] += 1
+    return sizes.most_common(1)[0][0] if sizes else None
 
 
 def _adapter_tensor_shapes(adapter_dir: Path) -> dict[str, list[int]]:

@@ -8,27 +8,29 @@ A model can be named five ways, and every stage accepts all of them:
 * a Hugging Face hub id ``org/name``,
 * a ModelScope id ``ms://org/name`` (or any hub id with ``use_modelscope``/``USE_MODELSCOPE_HUB=1``).
 
-Hub downloads fetch only what loading needs (config, one weight format, tokenizer, generation config,
-chat template). When a hub cannot be reached the local cache is used; when the model is not cached the
-error says how to get it. ``HF_HUB_OFFLINE=1`` (or ``TRANSFORMERS_OFFLINE=1``) skips the network for
-both hubs: ModelScope has no offline switch of its own and otherwise retries for many seconds.
-Environment variables are read at call time (huggingface_hub reads its own at import time), so
-``HF_HUB_CACHE``/``HF_HOME``/``MODELSCOPE_CACHE`` set after start-up still count.
+Hub ids are fetched by ``ftkit.models.hub_fetch`` (cache first when offline). When a model is not cached,
+the error says how to get it and that no local folder has that name either (``org/name`` reads as
+both). A ``.gguf`` file is checked before transformers parses it (which fails with a struct error on a
+file that is not one): its first four bytes must be the GGUF magic and ``gguf.GGUFReader`` must read it.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
+import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from ftkit.errors import FtkitError
 from ftkit.models.embedded import EMBEDDED_ALIAS, ensure_embedded_model
+from ftkit.models.hub_fetch import TRUE_VALUES, fetch_from_hf, fetch_from_modelscope
+from ftkit.models.hub_fetch import hub_offline as hub_offline  # re-exported by ftkit.models
 
 if TYPE_CHECKING:
     from ftkit.config.sections import ModelSection
@@ -37,7 +39,6 @@ SourceKind = Literal["alias", "local", "gguf", "hub", "modelscope"]
 
 MODELSCOPE_PREFIX = "ms://"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_TRUE = {"1", "true", "yes", "on"}
 
 _CONFIG_FILES = ["config.json", "generation_config.json", "*.py"]
 _TOKENIZER_FILES = [
@@ -47,6 +48,7 @@ _TOKENIZER_FILES = [
 _SAFETENSORS_FILES = ["*.safetensors", "*.safetensors.index.json"]
 _PYTORCH_FILES = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
 _ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
+GGUF_MAGIC = b"GGUF"
 
 
 @dataclass(frozen=True)
@@ -67,14 +69,9 @@ class ModelSource:
         return self.display or str(self.path)
 
 
-def hub_offline() -> bool:
-    """True when ``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` asks for no network access."""
-    return any(os.environ.get(name, "").strip().lower() in _TRUE for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
 def wants_modelscope(name_or_path: str, use_modelscope: bool = False) -> bool:
     """Whether a hub id resolves on ModelScope (``ms://``, ``use_modelscope`` or ``USE_MODELSCOPE_HUB=1``)."""
-    env = os.environ.get("USE_MODELSCOPE_HUB", "").strip().lower() in _TRUE
+    env = os.environ.get("USE_MODELSCOPE_HUB", "").strip().lower() in TRUE_VALUES
     return name_or_path.startswith(MODELSCOPE_PREFIX) or use_modelscope or env
 
 
@@ -107,6 +104,7 @@ def resolve_model_source(
                     f"Model path {name} is a file, not a model; pass the directory that holds config.json "
                     "and the weights, or a .gguf file."
                 )
+            check_gguf_file(path)
             return ModelSource("gguf", path.resolve().parent, gguf_file=path.name, display=str(path))
         if _looks_like_path(name):
             raise FtkitError(
@@ -119,15 +117,15 @@ def resolve_model_source(
             f"model_name_or_path '{name}' is not a known model; did you mean the embedded alias {EMBEDDED_ALIAS}?"
         )
     if wants_modelscope(name, use_modelscope):
-        path = _fetch_from_modelscope(
+        path = fetch_from_modelscope(
             repo_id, [_CONFIG_FILES + _TOKENIZER_FILES + _SAFETENSORS_FILES + _PYTORCH_FILES],
             revision=revision, cache_dir=cache_dir, token=token,
         )
         return ModelSource("modelscope", _checked_model_dir(path), display=MODELSCOPE_PREFIX + repo_id)
-    path = _fetch_from_hf(
+    path = fetch_from_hf(
         repo_id,
         [_CONFIG_FILES + _TOKENIZER_FILES + _SAFETENSORS_FILES, _CONFIG_FILES + _TOKENIZER_FILES + _PYTORCH_FILES],
-        revision=revision, cache_dir=cache_dir, token=token,
+        revision=revision, cache_dir=cache_dir, token=token, local_name=name,
     )
     return ModelSource("hub", _checked_model_dir(path), display=repo_id)
 
@@ -144,6 +142,11 @@ def resolve_adapter_dir(
     name = name_or_path.strip()
     path = Path(name).expanduser()
     if not name.startswith(MODELSCOPE_PREFIX) and (path.exists() or _looks_like_path(name)):
+        if path.is_file():
+            fix = f"pass its folder {path.parent}, which holds adapter_config.json" if (
+                path.parent / "adapter_config.json").is_file() else \
+                "pass the directory a LoRA run saved its adapter into (it holds adapter_config.json)"
+            raise FtkitError(f"Adapter path {name} is a file, not a folder; {fix}.")
         if not path.is_dir():
             raise FtkitError(
                 f"Adapter path {name} does not exist; pass the directory a LoRA run saved (it holds "
@@ -153,9 +156,11 @@ def resolve_adapter_dir(
     repo_id = _hub_repo_id(name, "adapter_name_or_path")
     patterns = _ADAPTER_FILES + _TOKENIZER_FILES
     if wants_modelscope(name, use_modelscope):
-        fetched = _fetch_from_modelscope(repo_id, [patterns], revision=revision, cache_dir=cache_dir, token=token)
+        fetched = fetch_from_modelscope(repo_id, [patterns], revision=revision, cache_dir=cache_dir, token=token,
+                                         what="Adapter")
     else:
-        fetched = _fetch_from_hf(repo_id, [patterns], revision=revision, cache_dir=cache_dir, token=token)
+        fetched = fetch_from_hf(repo_id, [patterns], revision=revision, cache_dir=cache_dir, token=token,
+                                 local_name=name, what="Adapter")
     return _checked_adapter_dir(fetched)
 
 
@@ -172,12 +177,74 @@ def model_source_from_config(section: ModelSection) -> ModelSource:
 
 
 def adapter_dirs_from_config(section: ModelSection) -> list[Path]:
-    """The config's ``adapter_name_or_path`` resolved to local directories (hub token chosen per hub)."""
-    return [resolve_adapter_dir(name, use_modelscope=section.use_modelscope, revision=section.model_revision,
-                                cache_dir=section.cache_dir,
-                                token=section.ms_hub_token if wants_modelscope(name, section.use_modelscope)
-                                else section.hf_hub_token)
-            for name in section.adapter_name_or_path or []]
+    """The config's ``adapter_name_or_path`` resolved to local directories (hub token chosen per hub).
+
+    An adapter listed twice (the same folder under any name) is refused: it would be applied twice.
+    """
+    names = list(section.adapter_name_or_path or [])
+    directories = [resolve_adapter_dir(name, use_modelscope=section.use_modelscope, revision=section.model_revision,
+                                       cache_dir=section.cache_dir,
+                                       token=section.ms_hub_token if wants_modelscope(name, section.use_modelscope)
+                                       else section.hf_hub_token)
+                   for name in names]
+    refuse_repeated_adapters(names, directories)
+    return directories
+
+
+def refuse_repeated_adapters(names: Sequence[str], directories: Sequence[Path]) -> None:
+    """Raise FtkitError when two entries of ``adapter_name_or_path`` resolve to the same adapter folder."""
+    seen: dict[Path, str] = {}
+    for name, directory in zip(names, directories, strict=True):
+        key = Path(directory).expanduser().resolve()
+        if key in seen:
+            given = f"'{name}'" if seen[key] == name else f"'{seen[key]}' and '{name}'"
+            raise FtkitError(f"adapter_name_or_path lists the adapter {directory} twice (as {given}); it would be "
+                             "applied twice, so remove the repeat.")
+        seen[key] = name
+
+
+def check_gguf_file(path: Path) -> None:
+    """Refuse a ``.gguf`` path that is not a readable GGUF file (empty, another format, cut short)."""
+    stat = path.stat()
+    with open(path, "rb") as handle:
+        magic = handle.read(len(GGUF_MAGIC))
+    if not magic:
+        raise FtkitError(f"Model file {path} is not a valid GGUF file: it is empty; download or convert it again.")
+    if magic != GGUF_MAGIC:
+        raise FtkitError(f"Model file {path} is not a valid GGUF file: it starts with {magic!r}, not the GGUF magic "
+                         f"{GGUF_MAGIC!r}; pass a real .gguf model, or the directory of a transformers checkpoint.")
+    reason = _gguf_read_error(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if reason:
+        raise FtkitError(f"Model file {path} is not a valid GGUF file: the gguf package cannot read it ({reason}); the "
+                         "file is damaged or cut short, so download or convert it again.")
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_read_error(path: str, size: int, mtime_ns: int) -> str | None:
+    """Why ``gguf.GGUFReader`` cannot read the file (None when it can); cached per file version, as it parses
+    every metadata array (about 3 s for the embedded model's vocabulary)."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:  # transformers asks for the package itself when it loads the file
+        return None
+    try:
+        GGUFReader(path)
+    except (ValueError, struct.error, IndexError, KeyError, OverflowError, OSError) as error:
+        return " ".join(str(error).split())[:160].rstrip(".") or type(error).__name__
+    return None
+
+
+def model_identity(name_or_path: str) -> str:
+    """A comparable model name: the last path component, lower-cased, without hub-cache or GGUF decorations."""
+    text = name_or_path.strip().rstrip("/\\").removeprefix(MODELSCOPE_PREFIX)
+    parts = [part for part in re.split(r"[/\\]", text) if part]
+    for part in parts:
+        if part.startswith("models--"):  # the Hugging Face cache: models--org--name/snapshots/<hash>
+            return part.split("--")[-1].lower()
+    last = parts[-1] if parts else text
+    if last.lower().endswith(".gguf"):
+        last = re.sub(r"[.-](i?q\d\w*|f16|f32|bf16)$", "", last[:-5], flags=re.IGNORECASE)
+    return last.lower()
 
 
 def adapter_base_name(adapter_dir: Path) -> str | None:
@@ -240,129 +307,3 @@ def _hub_repo_id(name: str, key: str) -> str:
     raise FtkitError(
         f"{key} '{name}' is not an existing directory, a .gguf file or a hub id (org/name){hint}; fix the value."
     )
-
-
-def _hf_cache_dir(cache_dir: str | None) -> str | None:
-    if cache_dir:
-        return str(Path(cache_dir).expanduser())
-    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(variable):
-            return str(Path(os.environ[variable]).expanduser())
-    if os.environ.get("HF_HOME"):
-        return str(Path(os.environ["HF_HOME"]).expanduser() / "hub")
-    return None
-
-
-def _has_weights(path: Path) -> bool:
-    return any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin")) or any(path.glob("adapter_model.*"))
-
-
-def _first_snapshot_with_weights(
-    snapshot_download: Callable[..., str], repo_id: str, pattern_sets: Sequence[list[str]], *, local_only: bool,
-    **kwargs: Any,
-) -> Path:
-    """Try each file-pattern set in turn (safetensors first, then .bin) until a snapshot holds weights."""
-    path = Path()
-    for patterns in pattern_sets:
-        path = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=local_only, **kwargs))
-        if _has_weights(path):
-            break
-    return path
-
-
-def _fetch_from_hf(
-    repo_id: str, pattern_sets: Sequence[list[str]], *, revision: str, cache_dir: str | None, token: str | None
-) -> Path:
-    """Download (or find in the cache) ``repo_id``; the pattern sets are tried in order until weights appear."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-
-    cache = _hf_cache_dir(cache_dir)
-
-    def fetch(local_only: bool) -> Path:
-        return _first_snapshot_with_weights(snapshot_download, repo_id, pattern_sets, local_only=local_only,
-                                            revision=revision, cache_dir=cache, token=token)
-
-    offline = hub_offline()
-    online_error: OSError | None = None
-    if not offline:
-        try:
-            return fetch(local_only=False)
-        except RevisionNotFoundError as error:
-            raise FtkitError(
-                f"Model '{repo_id}' has no revision '{revision}' on the Hugging Face hub; fix model_revision "
-                "(a branch, tag or commit)."
-            ) from error
-        except OSError as error:  # unreachable hub, hub down, private/gated, unknown id: the cache may have it
-            online_error = error
-    try:
-        return fetch(local_only=True)
-    except OSError as error:
-        if isinstance(online_error, RepositoryNotFoundError):
-            raise FtkitError(
-                f"Model '{repo_id}' was not found on the Hugging Face hub, or it is private or gated and needs a "
-                "token; check the id, or set hf_hub_token (or run `hf auth login`)."
-            ) from online_error
-        reason = "HF_HUB_OFFLINE is set" if offline else _short_reason(online_error or error)
-        download = f"hf download {repo_id}" + (f" --revision {revision}" if revision != "main" else "")
-        partly = "only partly" if type(error).__name__ == "IncompleteSnapshotError" else "not"
-        raise FtkitError(
-            f"Model '{repo_id}' is {partly} in the local Hugging Face cache and the hub cannot be reached "
-            f"({reason}). Download it first (`{download}`) or pass a local directory."
-        ) from error
-
-
-def _fetch_from_modelscope(
-    repo_id: str, pattern_sets: Sequence[list[str]], *, revision: str, cache_dir: str | None, token: str | None
-) -> Path:
-    """Download (or find in the ModelScope cache) ``repo_id`` with modelscope's ``snapshot_download``.
-
-    Offline, modelscope (1.38+, through modelscope-hub) finds a model in ``{cache}/models/{org}--{name}/
-    snapshots/{revision}/`` and in the older ``{cache}[/hub]/models/{org}/{name with . as ___}/`` layout;
-    ``{cache}`` is ``MODELSCOPE_CACHE`` or ``~/.cache/modelscope``.
-    """
-    try:
-        from modelscope.hub.snapshot_download import snapshot_download
-    except ImportError as error:
-        raise FtkitError(
-            f"Model 'ms://{repo_id}' is on ModelScope, which needs the modelscope package; install it with "
-            "`pip install modelscope`."
-        ) from error
-    hub_errors: tuple[type[BaseException], ...] = (OSError, ValueError)
-    try:
-        from modelscope.hub.errors import HubError
-
-        hub_errors = (*hub_errors, HubError)
-    except ImportError:  # modelscope < 1.38 raises OSError/ValueError subclasses only
-        pass
-    ms_revision = "master" if revision == "main" else revision  # ModelScope's default branch
-    cache = cache_dir or os.environ.get("MODELSCOPE_CACHE")
-
-    def fetch(local_only: bool) -> Path:
-        return _first_snapshot_with_weights(snapshot_download, repo_id, pattern_sets, local_only=local_only,
-                                            revision=ms_revision, cache_dir=cache, token=token)
-
-    offline = hub_offline()
-    online_error: BaseException | None = None
-    if not offline:
-        try:
-            return fetch(local_only=False)
-        except hub_errors as error:
-            online_error = error
-    try:
-        return fetch(local_only=True)
-    except hub_errors as error:
-        reason = "HF_HUB_OFFLINE is set" if offline else _short_reason(online_error or error)
-        raise FtkitError(
-            f"Model 'ms://{repo_id}' is not in the local ModelScope cache and ModelScope cannot be reached "
-            f"({reason}). Download it first (`modelscope download --model {repo_id}`) or pass a local directory."
-        ) from error
-
-
-def _short_reason(error: BaseException) -> str:
-    """One line saying why a hub call failed (the underlying network error when there is one)."""
-    cause = error.__cause__ or error
-    text = " ".join(str(cause).split())
-    if len(text) > 160:
-        text = text[:157] + "..."
-    return f"{type(cause).__name__}: {text}" if text else type(cause).__name__

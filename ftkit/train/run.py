@@ -27,11 +27,10 @@ from ftkit.train.checkpoints import (
     FINAL_STAGING_DIR,
     RESULTS_FILE,
     changed_training_keys,
-    clean_staging,
     plan_resume,
-    remove_previous_run,
 )
 from ftkit.train.memory import decide_gradient_checkpointing
+from ftkit.train.output_dir import RunFolder, claimed_output_dir
 
 console = Console(stderr=True, highlight=False)
 
@@ -56,7 +55,15 @@ def _check_reporters(config: TrainConfig) -> None:
 
 
 def run_training(loaded: LoadedConfig) -> TrainResult:
-    """Run ``ftkit train`` for a validated config; returns where the results are and the final metrics."""
+    """Run ``ftkit train`` for a validated config; returns where the results are and the final metrics.
+
+    output_dir is checked and locked first (``ftkit.train.output_dir``); a refused run leaves it as it was.
+    """
+    with claimed_output_dir(loaded.config, report=_say) as folder:
+        return _train(loaded, folder)
+
+
+def _train(loaded: LoadedConfig, folder: RunFolder) -> TrainResult:
     config: TrainConfig = loaded.config
     output_dir = Path(config.output_dir)
     checkpoint = plan_resume(output_dir, config.resume_from_checkpoint, config.overwrite_output_dir)
@@ -116,13 +123,6 @@ def run_training(loaded: LoadedConfig) -> TrainResult:
             _say(f"[yellow]warning[/]: resuming with changed settings ({escape('; '.join(changed))}); the result will "
                  "not match an uninterrupted run of either config")
 
-    # Everything that can be refused has been checked: only now is an earlier run replaced.
-    if config.overwrite_output_dir:
-        remove_previous_run(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    clean_staging(output_dir)
-    atomic_write_text(output_dir / RUN_CONFIG_FILE, dump_resolved_config(config))
-
     check = answers.general_check() if config.general_check else None
     model = base_model()
     set_seed(config.seed)  # before the adapter is created: its random init must repeat from run to run
@@ -136,6 +136,9 @@ def run_training(loaded: LoadedConfig) -> TrainResult:
     _say(trainable_parameter_summary(model))
 
     trainer = _build_trainer(config, model, tokenizer, data, precision, output_dir, padding_free)
+    # Everything that can be refused has been checked: only now is an earlier run moved aside (deleted once
+    # the first step has trained; a failure before that puts it back) and the config written.
+    folder.start(dump_resolved_config(config), trainer)
     if checkpoint is not None:
         from ftkit.train.callbacks import truncate_log
 
@@ -165,6 +168,7 @@ def run_training(loaded: LoadedConfig) -> TrainResult:
         metrics.update(result.metrics())
         warning = result.warning(config, data.replay_examples)
     atomic_write_text(output_dir / RESULTS_FILE, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    folder.finish()
     _print_summary(metrics, output_dir, config)
     if warning:
         _say(f"[yellow]warning[/]: {escape(warning)}")
