@@ -258,16 +258,19 @@ def test_a_finished_run_is_not_overwritten_without_overwrite_output_dir(tiny_lla
 
 
 @pytest.mark.slow
-def test_overwrite_output_dir_replaces_a_finished_run_but_keeps_unrelated_files(tiny_llama_dir, tmp_path):
+def test_overwrite_output_dir_replaces_a_finished_run_and_refuses_a_folder_with_foreign_files(tiny_llama_dir, tmp_path):
     (tmp_path / "train_results.json").write_text('{"old": true}')
     (tmp_path / "trainer_log.jsonl").write_text('{"step": 99, "loss": 1.0}\n')
     (tmp_path / "checkpoint-99").mkdir()
     (tmp_path / "notes.txt").write_text("mine")
+    message = refused(tiny_keys(tiny_llama_dir, tmp_path, overwrite_output_dir=True))
+    assert "holds files ftkit did not write (notes.txt)" in message
+    assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "checkpoint-99").is_dir()
+    (tmp_path / "notes.txt").unlink()
     train(tiny_llama_dir, tmp_path, overwrite_output_dir=True, max_steps=3)
     assert "old" not in json.loads((tmp_path / "train_results.json").read_text())
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3]
     assert not (tmp_path / "checkpoint-99").exists()
-    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_a_dataset_with_no_usable_example_is_refused_before_output_dir_is_touched(tiny_llama_dir, tmp_path):

@@ -21,7 +21,12 @@ import torch
 
 from ftkit.models.loader import load_model, load_tokenizer, sync_special_tokens
 from ftkit.models.precision import default_device, inference_dtype
-from ftkit.models.source import ModelSource, resolve_adapter_dir, resolve_model_source
+from ftkit.models.source import (
+    ModelSource,
+    refuse_repeated_adapters,
+    resolve_adapter_dir,
+    resolve_model_source,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -98,6 +103,7 @@ def load_for_inference(
     source = resolve_model_source(source) if isinstance(source, str) else source
     options = options or LoadOptions()
     adapter_dirs = [resolve_adapter_dir(str(a)) for a in adapters or []]
+    refuse_repeated_adapters([str(a) for a in adapters or []], adapter_dirs)
     device = device or default_device()
     dtype = dtype or inference_dtype(device)
     if tokenizer is None:
