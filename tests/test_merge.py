@@ -25,8 +25,8 @@ from ftkit.config import MergeConfig, load_stage_config
 from ftkit.data.templates import apply_chat_template_to_tokenizer, render_conversation
 from ftkit.errors import FtkitError
 from ftkit.merge import run_merge
-from ftkit.merge.modelfile import ollama_modelfile
-from ftkit.merge.verify import VERIFICATION_CONVERSATIONS
+from ftkit.export.modelfile import ollama_modelfile
+from ftkit.export.verify import VERIFICATION_CONVERSATIONS
 from ftkit.models import (
     ModelSource,
     apply_lora,
@@ -365,7 +365,7 @@ def test_adapter_whose_recorded_base_is_another_model(tmp_path, tiny_llama_dir, 
 
 
 def test_same_model_under_hub_cache_and_alias_names_is_accepted():
-    from ftkit.merge.checks import model_identity
+    from ftkit.models.source import model_identity
 
     names = ["HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2-135m-instruct", "/home/x/.cache/ftkit/models/smollm2-135m-instruct",
              "/hf/hub/models--HuggingFaceTB--SmolLM2-135M-Instruct/snapshots/0123abc", "/x/SmolLM2-135M-Instruct.Q4_1.gguf"]
@@ -430,7 +430,7 @@ def test_disk_filling_up_while_writing_removes_the_partial_export(tmp_path, tiny
 
 
 def test_too_little_free_space_is_refused_before_writing(tmp_path, tiny_llama_dir, adapter, monkeypatch):
-    from ftkit.merge import checks
+    from ftkit.export import checks
 
     monkeypatch.setattr(checks.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 10**6, 10**6))
     assert merge_error(tmp_path / "out", tiny_llama_dir, adapter) == (
@@ -440,9 +440,9 @@ def test_too_little_free_space_is_refused_before_writing(tmp_path, tiny_llama_di
 
 
 def test_failed_verification_leaves_no_export_behind(tmp_path, tiny_llama_dir, adapter, monkeypatch):
-    from ftkit.merge import run
+    from ftkit.export import verify
 
-    load_export = run._load_export
+    load_export = verify.load_export
 
     def corrupted(staging, dtype):
         model = load_export(staging, dtype)
@@ -450,7 +450,7 @@ def test_failed_verification_leaves_no_export_behind(tmp_path, tiny_llama_dir, a
             model.model.layers[1].mlp.down_proj.weight.mul_(1.5)
         return model
 
-    monkeypatch.setattr(run, "_load_export", corrupted)
+    monkeypatch.setattr(verify, "load_export", corrupted)
     message = merge_error(tmp_path / "out", tiny_llama_dir, adapter)
     assert message.startswith("Merge verification failed: the export read back from disk gives logits up to ")
     assert message.endswith(" away from the merged model it was saved from; nothing was exported.")

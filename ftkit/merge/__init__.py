@@ -1,7 +1,7 @@
 """``ftkit merge-lora``: fold LoRA adapters into their base and export a standalone, self-verified model.
 
-``run`` is the recipe; ``checks`` what is refused before work starts; ``verify`` the logit self-check;
-``card`` the training summary and README; ``modelfile`` the Ollama Modelfile.
+``run`` is the recipe; ``checks`` what merging refuses beyond any export (an adapter trained on another
+base). Staging, export checks, logit verification, the model card and the Modelfile are ``ftkit.export``'s.
 """
 
 from ftkit.merge.run import MergeResult, run_merge

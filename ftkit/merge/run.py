@@ -14,13 +14,7 @@ failure removes it, and a replaced export is deleted only once the new one is in
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import errno
-import gc
-import os
-import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,13 +23,14 @@ from rich.markup import escape
 
 from ftkit.config import LoadedConfig, MergeConfig
 from ftkit.errors import FtkitError
-from ftkit.merge import checks, verify
-from ftkit.merge.card import AdapterTraining, model_card, read_adapter_training
-from ftkit.merge.modelfile import MODELFILE_NAME, ollama_modelfile
-from ftkit.paths import atomic_directory
+from ftkit.export import checks as export_checks
+from ftkit.export import verify
+from ftkit.export.card import AdapterTraining, model_card, read_adapter_training
+from ftkit.export.modelfile import MODELFILE_NAME, ollama_modelfile
+from ftkit.export.staging import release_freed_memory, save_export, staged_export
+from ftkit.merge import checks
 
 console = Console(stderr=True, highlight=False)
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass
@@ -61,12 +56,12 @@ def run_merge(loaded: LoadedConfig) -> MergeResult:
 
     config: MergeConfig = loaded.config
     export_dir = Path(config.export_dir).expanduser()
-    checks.check_export_dir(export_dir, overwrite=config.overwrite)
+    export_checks.check_export_dir(export_dir, overwrite=config.overwrite)
     source = model_source_from_config(config)
     adapter_dirs = adapter_dirs_from_config(config)  # an adapter listed twice is refused: it would merge twice
     base_path = source.path / source.gguf_file if source.gguf_file else source.path  # a GGUF base is its file
     inputs = [("adapter", directory) for directory in adapter_dirs] + [("base model", base_path)]
-    checks.check_export_dir_is_not_an_input(export_dir, inputs)
+    export_checks.check_export_dir_is_not_an_input(export_dir, inputs)
     trainings = [read_adapter_training(directory) for directory in adapter_dirs]
     for training in trainings:
         checks.check_adapter_base(training.directory, config.model_name_or_path, source, training.base_name)
@@ -74,68 +69,43 @@ def run_merge(loaded: LoadedConfig) -> MergeResult:
     transformers_logging.disable_progress_bar()
     tokenizer, template_origin = _export_tokenizer(config, source, trainings)
     dtype = _export_dtype(config, source)
-    replaced: Path | None = None
-    try:
-        with contextlib.ExitStack() as stack:  # leaving it renames the staging directory to export_dir
-            staging = _open_staging(stack, export_dir)
-            result = _merge_into(staging, config, source, trainings, tokenizer, template_origin, dtype)
-            if export_dir.exists():  # empty, or replaced with overwrite: true; moved aside only after the check
-                replaced = export_dir.with_name(f".{export_dir.name}.replaced-{os.getpid()}")
-                os.replace(export_dir, replaced)
-    except OSError as error:
-        _restore(replaced, export_dir)
-        raise _write_error(error, export_dir) from None
-    except BaseException:
-        _restore(replaced, export_dir)
-        raise
-    if replaced is not None:
-        shutil.rmtree(replaced, ignore_errors=True)
+    with staged_export(export_dir) as staging:
+        result = _merge_into(staging, config, source, trainings, tokenizer, template_origin, dtype)
     result.export_dir = export_dir
     _say(f"[green]done[/]: {escape(str(export_dir))}/ ({', '.join(result.files)})")
     _say(f"try it: ftkit chat --model {escape(str(export_dir))}")
     return result
 
 
-def _restore(replaced: Path | None, export_dir: Path) -> None:
-    """Put the previous export back if the new one never made it into place."""
-    if replaced is not None and replaced.exists() and not export_dir.exists():
-        os.replace(replaced, export_dir)
-
-
-def _write_error(error: OSError, export_dir: Path) -> Exception:
-    """A full disk or a refused write while exporting becomes one sentence; anything else stays as it is."""
-    if error.errno in _DISK_FULL:
-        return FtkitError(f"The disk holding {export_dir.parent} filled up while the export was written; the partial "
-                          "export was removed: free some space or choose another export_dir.")
-    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return FtkitError(f"Cannot write the export into {export_dir.parent} ({error.strerror}); the partial export "
-                          "was removed: choose a writable export_dir.")
-    return error
-
-
 def _merge_into(
     staging: Path, config: MergeConfig, source, trainings: list[AdapterTraining], tokenizer, template_origin: str,
     dtype: torch.dtype,
 ) -> MergeResult:
-    from ftkit.models import is_quantized, load_adapters, load_model, sync_special_tokens
-    from ftkit.models.saved_adapters import attach_adapter, cast_weights
+    from ftkit.models import (
+        LoadOptions,
+        attach_adapter,
+        cast_weights,
+        is_quantized,
+        load_adapters,
+        load_for_inference,
+    )
 
     for training in trainings:
         if training.quantization_bits:
             _say(f"adapter {escape(str(training.directory))} was trained with QLoRA on a {training.quantization_bits}-"
                  "bit base: it is merged into the full-precision base weights (loaded in fp32, dequantised), never "
                  "into 4/8-bit ones")
-    model = load_model(source, dtype=torch.float32, attn_implementation=config.flash_attn,
-                       trust_remote_code=config.trust_remote_code)
+    # The base alone first (on the CPU, in fp32): a base stored quantized is refused before any adapter touches it.
+    model = load_for_inference(source, dtype=torch.float32, device=torch.device("cpu"),
+                               options=LoadOptions.from_config(config).full_precision(), tokenizer=tokenizer).model
     if is_quantized(model):
         raise FtkitError(f"Base model {source} is stored quantized ({type(model.hf_quantizer).__name__}); adapters are "
                          "merged into full-precision weights only: pass the original full-precision base.")
-    sync_special_tokens(model, tokenizer)
-    shards = checks.check_shard_plan(model, dtype, config.export_size)
-    checks.check_free_space(staging, sum(size for _, size in checks.tensor_sizes(model, dtype)))
+    shards = export_checks.check_shard_plan(model, dtype, config.export_size)
+    export_checks.check_free_space(staging, sum(size for _, size in export_checks.tensor_sizes(model, dtype)))
     names = ", ".join(str(t.directory) for t in trainings)
     _say(f"base {escape(str(source))} (fp32) + adapter{'s' if len(trainings) > 1 else ''} {escape(names)} -> "
-         f"{_dtype_name(dtype)} export, {shards} shard{'s' if shards > 1 else ''}")
+         f"{verify.dtype_name(dtype)} export, {shards} shard{'s' if shards > 1 else ''}")
 
     was_tied = _embeddings_tied(model)
     model = load_adapters(model, [t.directory for t in trainings[:-1]], trainable=False)
@@ -152,15 +122,15 @@ def _merge_into(
     _keep_embeddings_tied(model, was_tied)
     cast_weights(model, dtype)
     in_memory = verify.score(model, prompts)  # in the export dtype: what the files must reproduce exactly
-    _save(model, tokenizer, staging, config.export_size)
+    save_export(model, tokenizer, staging, config.export_size)
     del model
-    _release_freed_memory()
+    release_freed_memory()
 
-    verification = _verify(staging, prompts, reference, in_memory, dtype)
+    verification = verify.verify_export_on_disk(staging, prompts, reference, in_memory, dtype)
     _say(f"verified: merged weights within {merged.max_difference:.2e} of base + adapter (fp32); the export on disk: "
          f"{verification.describe()}")
     (staging / "README.md").write_text(model_card(
-        base=config.model_name_or_path, adapters=trainings, dtype_name=_dtype_name(dtype), shards=shards,
+        base=config.model_name_or_path, adapters=trainings, dtype_name=verify.dtype_name(dtype), shards=shards,
         template_origin=template_origin, verification=verification.describe()), encoding="utf-8")
     if config.ollama_modelfile:
         modelfile = ollama_modelfile(tokenizer)
@@ -180,12 +150,12 @@ def _export_tokenizer(config: MergeConfig, source, trainings: list[AdapterTraini
     config overrides both; ``default_system`` is written into the template.
     """
     from ftkit.data.templates import apply_chat_template_to_tokenizer
-    from ftkit.models import load_tokenizer
+    from ftkit.models import adapter_tokenizer_source, load_tokenizer
 
     last = trainings[-1]
-    if (last.directory / "tokenizer_config.json").is_file():
-        tokenizer = load_tokenizer(replace(source, path=last.directory, gguf_file=None),
-                                   trust_remote_code=config.trust_remote_code)
+    saved = adapter_tokenizer_source(source, [last.directory])
+    if saved is not None:
+        tokenizer = load_tokenizer(saved, trust_remote_code=config.trust_remote_code)
         origin = f"the one adapter {last.directory} was trained with"
         name = config.template
     else:
@@ -222,14 +192,6 @@ def _export_dtype(config: MergeConfig, source) -> torch.dtype:
     return parse_dtype(config.export_dtype, auto=checkpoint_dtype(source.path))
 
 
-def _open_staging(stack: contextlib.ExitStack, export_dir: Path) -> Path:
-    try:
-        return stack.enter_context(atomic_directory(export_dir))
-    except OSError as error:
-        raise FtkitError(f"Cannot write the export next to {export_dir} ({error.strerror or error}); choose a "
-                         "writable export_dir.") from None
-
-
 def _embeddings_tied(model) -> bool:
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
     return head is not None and embeddings is not None and head.weight is embeddings.weight
@@ -248,52 +210,3 @@ def _keep_embeddings_tied(model, was_tied: bool) -> None:
         _say("note: the adapter trained the output head apart from the input embeddings; the export unties them")
     for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
         config.tie_word_embeddings = tied
-
-
-def _save(model, tokenizer, staging: Path, export_size: float) -> None:
-    """Weights (safetensors shards + index), config.json, generation_config.json, tokenizer and chat template."""
-    model.save_pretrained(staging, max_shard_size=int(export_size * checks.GB))
-    tokenizer.save_pretrained(staging)
-
-
-def _verify(staging: Path, prompts: verify.VerificationPrompts, reference, in_memory,
-            dtype: torch.dtype) -> verify.Verification:
-    """Load the export back (in its own dtype: no conversion, so no second copy) and score it: it must give
-    the merged model's logits exactly, and base + adapter's within the dtype's tolerance."""
-    from ftkit.models import ModelSource, load_tokenizer
-
-    model = _load_export(staging, dtype)
-    scores = verify.score(model, prompts)
-    del model
-    _release_freed_memory()
-    verify.check_saved_tokenizer(load_tokenizer(ModelSource("local", staging, display=str(staging))), prompts)
-    stored = verify.compare(in_memory, scores, dtype, tolerance=verify.RELOAD_TOLERANCE)
-    if not stored.passed:
-        raise FtkitError(f"Merge verification failed: the export read back from disk gives logits up to "
-                         f"{stored.max_difference:.3g} away from the merged model it was saved from; nothing was "
-                         "exported.")
-    result = verify.compare(reference, scores, dtype)
-    if not result.passed:
-        raise FtkitError(f"Merge verification failed: the export's logits differ from base + adapter by up to "
-                         f"{result.max_difference:.3g} (tolerance {result.tolerance:.3g} for {_dtype_name(dtype)} "
-                         "weights) on the fixed prompts; nothing was exported.")
-    return result
-
-
-def _load_export(staging: Path, dtype: torch.dtype):
-    """The export as written, in its own dtype."""
-    from ftkit.models import ModelSource, load_model
-
-    return load_model(ModelSource("local", staging, display=str(staging)), dtype=dtype)
-
-
-def _release_freed_memory() -> None:
-    """Collect the freed model and hand the allocator's free pages back to the OS (glibc keeps them otherwise,
-    and the export loaded next would count on top of them)."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))

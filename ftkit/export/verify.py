@@ -76,7 +76,7 @@ class Verification:
         return math.isfinite(self.max_difference) and self.max_difference <= self.tolerance
 
     def describe(self) -> str:
-        name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, str(self.dtype))
+        name = dtype_name(self.dtype)
         return (f"max logit difference {self.max_difference:.2e} against base + adapter on {self.prompts} fixed "
                 f"prompts (tolerance {self.tolerance:.2e} for {name} weights)")
 
@@ -137,3 +137,40 @@ def check_saved_tokenizer(saved: Any, prompts: VerificationPrompts) -> None:
     if again.texts != prompts.texts or again.token_ids != prompts.token_ids:
         raise FtkitError("Merge verification failed: the saved tokenizer renders or encodes the fixed prompts "
                          "differently from the adapter's; nothing was exported (please report this as a bug).")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """fp32, bf16 or fp16 (a dtype's name in messages and model cards)."""
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def load_export(directory: Path, dtype: torch.dtype) -> Any:
+    """The export as written, in its own dtype (no conversion, so no second copy in memory)."""
+    from ftkit.models import ModelSource, load_model
+
+    return load_model(ModelSource("local", directory, display=str(directory)), dtype=dtype)
+
+
+def verify_export_on_disk(directory: Path, prompts: VerificationPrompts, reference: Sequence[torch.Tensor],
+                          in_memory: Sequence[torch.Tensor], dtype: torch.dtype) -> Verification:
+    """Load the export in ``directory`` back and score it: it must give the in-memory model's logits exactly,
+    and the reference's (base + adapter) within the dtype's tolerance; its tokenizer must encode as before."""
+    from ftkit.export.staging import release_freed_memory
+    from ftkit.models import ModelSource, load_tokenizer
+
+    model = load_export(directory, dtype)
+    scores = score(model, prompts)
+    del model
+    release_freed_memory()
+    check_saved_tokenizer(load_tokenizer(ModelSource("local", directory, display=str(directory))), prompts)
+    stored = compare(in_memory, scores, dtype, tolerance=RELOAD_TOLERANCE)
+    if not stored.passed:
+        raise FtkitError(f"Merge verification failed: the export read back from disk gives logits up to "
+                         f"{stored.max_difference:.3g} away from the merged model it was saved from; nothing was "
+                         "exported.")
+    result = compare(reference, scores, dtype)
+    if not result.passed:
+        raise FtkitError(f"Merge verification failed: the export's logits differ from base + adapter by up to "
+                         f"{result.max_difference:.3g} (tolerance {result.tolerance:.3g} for {dtype_name(dtype)} "
+                         "weights) on the fixed prompts; nothing was exported.")
+    return result
