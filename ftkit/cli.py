@@ -176,13 +176,8 @@ def merge_lora(
 
     Writes safetensors shards, tokenizer, chat template, README and Ollama Modelfile, checked against base + adapter.
     """
-    import json
-
-    given = list(overrides or [])
-    if config is not None and "=" in config.name and not config.exists():  # only overrides, no config file
-        given, config = [str(config), *given], None
     flags = {"model_name_or_path": base, "adapter_name_or_path": adapter or None, "export_dir": out}
-    given += [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]  # JSON is YAML
+    config, given = _flag_overrides(config, overrides, flags)
     if config is None and not given:
         raise FtkitError("Pass a merge config (ftkit merge-lora CONFIG.yaml) or --base, --adapter and --out.")
     loaded = _load("merge-lora", config, given)
@@ -192,15 +187,94 @@ def merge_lora(
 
 
 @app.command()
-def serve(config: Annotated[Path | None, typer.Argument(show_default=False)] = None) -> None:
-    """Serve a model behind an OpenAI-compatible API (continuous batching, paged KV cache, multi-LoRA)."""
-    _not_implemented("serve")
+def serve(
+    config: Annotated[Path | None, typer.Argument(help="A serve config (or use the flags).", show_default=False)] = None,
+    overrides: OverridesArg = None,
+    model: Annotated[str | None, typer.Option("--model", "--model_name_or_path", help="Base model (local dir, hub "
+                                              "id, .gguf, smollm2-135m-instruct).")] = None,
+    adapter: Annotated[list[str] | None, typer.Option("--adapter", "--adapter_name_or_path", help="LoRA adapter "
+                                                      "as NAME=PATH, served as model NAME (repeat for several).")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to listen on (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 8000; 0: any free port).")] = None,
+    api_key: Annotated[str | None, typer.Option("--api-key", "--api_key", help="Require 'Authorization: Bearer "
+                                                "KEY' (default: $FTKIT_API_KEY).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N.")] = None,
+    backend: Annotated[str | None, typer.Option("--backend", "--infer_backend", help="ftkit (built-in engine) "
+                                                "or vllm.")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", "--infer_dtype", help="auto, bf16, fp16 or fp32.")] = None,
+    template: Annotated[str | None, typer.Option(help="Chat template (auto = the tokenizer's own).")] = None,
+    served_model_name: Annotated[str | None, typer.Option("--served-model-name", help="The base's name in "
+                                                          "the API.")] = None,
+    shutdown_timeout: Annotated[float | None, typer.Option("--shutdown-timeout", help="Seconds in-flight "
+                                                           "requests get to finish on SIGTERM.")] = None,
+) -> None:
+    """Serve a model and its LoRA adapters behind an OpenAI-compatible API (/v1/chat/completions, /v1/completions).
+
+    Continuous batching on a paged KV cache, adapters side by side without merging, /metrics for Prometheus.
+    """
+    flags = {"model_name_or_path": model, "adapter_name_or_path": adapter or None, "host": host, "port": port,
+             "api_key": api_key, "device": device, "infer_backend": backend, "infer_dtype": dtype,
+             "template": template, "served_model_name": served_model_name, "shutdown_timeout": shutdown_timeout}
+    config, given = _flag_overrides(config, overrides, flags)
+    loaded = _load("serve", config, given)
+    from ftkit.serve import run_serve
+
+    run_serve(loaded)
+
+
+def _flag_overrides(config: Path | None, overrides: list[str] | None, flags: dict) -> tuple[Path | None, list[str]]:
+    """The config path (None when only key=value pairs were given) and the overrides, flags last (as JSON)."""
+    import json
+
+    given = list(overrides or [])
+    if config is not None and "=" in config.name and not config.exists():  # only overrides, no config file
+        given, config = [str(config), *given], None
+    given += [f"{key}={json.dumps(value)}" for key, value in flags.items()
+              if value is not None and value is not False]  # JSON is YAML
+    return config, given
 
 
 @app.command()
-def evaluate(config: Annotated[Path | None, typer.Argument(show_default=False)] = None) -> None:
-    """Evaluate a model on GSM8K (lm-evaluation-harness numbers) or on your own datasets."""
-    _not_implemented("evaluate")
+def evaluate(
+    config: Annotated[Path | None, typer.Argument(help="An evaluate config (or use the flags).",
+                                                  show_default=False)] = None,
+    overrides: OverridesArg = None,
+    model: Annotated[str | None, typer.Option("--model", "--model_name_or_path", help="Model to evaluate (local dir, "
+                                              "hub id, .gguf, smollm2-135m-instruct; with --endpoint: the served "
+                                              "name).")] = None,
+    adapter: Annotated[list[str] | None, typer.Option("--adapter", "--adapter_name_or_path",
+                                                      help="LoRA adapter (repeat for several; no merge needed).")] = None,
+    benchmark: Annotated[str | None, typer.Option(help="gsm8k, general, a registered dataset or a path.")] = None,
+    data: Annotated[str | None, typer.Option(help="GSM8K data folder or file (openai/gsm8k jsonl).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N items.")] = None,
+    num_fewshot: Annotated[int | None, typer.Option("--num-fewshot", help="Few-shot examples (GSM8K: 5).")] = None,
+    apply_chat_template: Annotated[bool, typer.Option("--apply-chat-template", help="Prompt through the chat "
+                                                      "template, few-shot examples as turns.")] = False,
+    output: Annotated[str | None, typer.Option(help="Folder for results.json and samples.jsonl.")] = None,
+    output_file: Annotated[str | None, typer.Option("--output_file", "--output-file", help="The results file.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto (fp32 on CPU), bf16, fp16 or fp32.")] = None,
+    endpoint: Annotated[str | None, typer.Option(help="OpenAI-compatible server URL, e.g. "
+                                                 "http://127.0.0.1:8000/v1.")] = None,
+    api_key: Annotated[str | None, typer.Option("--api-key", help="API key for the endpoint.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace another run's results in the output folder.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its samples.jsonl.")] = False,
+) -> None:
+    """Evaluate a model on GSM8K (lm-evaluation-harness 0.4.13's answers), your own datasets or the general check.
+
+    Writes results.json (scores with standard errors) and samples.jsonl (every item's prompt, output and answers).
+    """
+    flags = {"model_name_or_path": model, "adapter_name_or_path": adapter or None, "benchmark": benchmark,
+             "data": data, "limit": limit, "num_fewshot": num_fewshot, "apply_chat_template": apply_chat_template,
+             "output": output, "output_file": output_file, "dtype": dtype, "endpoint": endpoint, "api_key": api_key,
+             "overwrite": overwrite, "resume": resume}
+    config, given = _flag_overrides(config, overrides, flags)
+    if config is None and not given:
+        raise FtkitError("Pass an evaluate config (ftkit evaluate CONFIG.yaml) or flags, e.g. ftkit evaluate "
+                         "--model MODEL --benchmark gsm8k.")
+    loaded = _load("evaluate", config, given)
+    from ftkit.evaluate import run_evaluation
+
+    run_evaluation(loaded.config)
 
 
 @app.command()

@@ -7,13 +7,15 @@ from ftkit.config.loading import (
     load_stage_config,
     parse_overrides,
 )
-from ftkit.config.stages import STAGE_SCHEMAS, MergeConfig, TrainConfig
+from ftkit.config.stages import STAGE_SCHEMAS, EvaluateConfig, MergeConfig, ServeConfig, TrainConfig
 
 __all__ = [
     "STAGE_SCHEMAS",
     "ConfigCheck",
+    "EvaluateConfig",
     "LoadedConfig",
     "MergeConfig",
+    "ServeConfig",
     "TrainConfig",
     "dump_resolved_config",
     "load_stage_config",

@@ -1,8 +1,8 @@
 """One schema per stage, each the union of the sections it needs, plus the rules that span sections.
 
 ``TrainConfig`` serves ``ftkit train``, ``ftkit data preview`` and ``ftkit validate``; ``MergeConfig``
-serves ``ftkit merge-lora``. Serve, evaluate and quantize will reuse ``ModelSection`` (and
-``DataSection`` for custom evaluation sets) the same way.
+serves ``ftkit merge-lora``; ``EvaluateConfig`` serves ``ftkit evaluate``. Serve and quantize will reuse
+``ModelSection`` the same way.
 """
 
 from __future__ import annotations
@@ -102,4 +102,112 @@ class MergeConfig(ModelSection):
         return found
 
 
-STAGE_SCHEMAS: dict[str, type[Section]] = {"train": TrainConfig, "merge-lora": MergeConfig}
+class EvaluateConfig(ModelSection):
+    """``ftkit evaluate``: a model (or an endpoint) on GSM8K, the general check or the user's own dataset."""
+
+    benchmark: str = Field("gsm8k", description="gsm8k, general, a dataset from dataset_info.json, or a path "
+                           "(a GSM8K folder, or a dataset file).")
+    data: str | None = Field(None, description="GSM8K data: a folder (or test file) in openai/gsm8k's jsonl format.")
+    dataset_dir: str = Field("data", description="Folder holding dataset_info.json (for a dataset benchmark).")
+    limit: int | None = Field(None, ge=1, description="Evaluate only the first N items.")
+    num_fewshot: int | None = Field(None, ge=0, le=64, description="Few-shot examples (GSM8K default: 5).")
+    apply_chat_template: bool = Field(False, description="Prompt through the chat template (few-shot as turns).")
+    max_new_tokens: int = Field(256, ge=1, le=32768, description="Longest generated answer (GSM8K: always 256).")
+    cutoff_len: int = Field(2048, ge=8, description="Longest encoded example of a dataset benchmark, in tokens.")
+    dtype: Literal["auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights' dtype (auto: fp32 on CPU, so answers agree with lm-eval in fp32).")
+    endpoint: str | None = Field(None, description="An OpenAI-compatible server URL (http://127.0.0.1:8000/v1).")
+    api_key: str | None = Field(None, description="API key for the endpoint.")
+    max_concurrency: int = Field(8, ge=1, le=1024, description="Endpoint requests in flight at once.")
+    output: str | None = Field(None, description="Folder for results.json and samples.jsonl "
+                               "(default saves/evaluate/<benchmark>).")
+    output_file: str | None = Field(None, description="The results file (samples are written beside it).")
+    overwrite: bool = Field(False, description="Replace another run's results in the output folder.")
+    resume: bool = Field(False, description="Continue an interrupted run from its samples.jsonl.")
+
+    def problems(self) -> list[Problem]:
+        found = ModelSection.problems(self)
+        if self.overwrite and self.resume:
+            found.append(("resume", "resume and overwrite contradict each other; pass one of them."))
+        if self.output and self.output_file:
+            found.append(("output_file", "output and output_file both say where results go; keep one of them."))
+        if self.endpoint and self.adapter_name_or_path:
+            found.append(("adapter_name_or_path", "an endpoint serves its own weights; load the adapter in the "
+                          "server (ftkit serve --adapter) and remove adapter_name_or_path here."))
+        if self.endpoint and not self.endpoint.startswith(("http://", "https://")):
+            found.append(("endpoint", f"endpoint {self.endpoint!r} is not a URL; give one like "
+                          "http://127.0.0.1:8000/v1."))
+        return found
+
+
+class ServeConfig(ModelSection):
+    """``ftkit serve``: the model behind an OpenAI-compatible API, its adapters served side by side by name.
+
+    ``adapter_name_or_path`` entries are ``NAME=PATH`` (or a bare path, named after its folder); each is a
+    ``model`` a request may ask for, never merged into the base.
+    """
+
+    infer_backend: Literal["ftkit", "huggingface", "vllm"] = Field(
+        "ftkit", description="ftkit's engine (LLaMA-Factory's 'huggingface' means the same) or vllm (GPUs).")
+    infer_dtype: Literal["auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights' dtype (auto: bf16 where the device is fast at it, else fp32).")
+    host: str = Field("127.0.0.1", description="Address to listen on; beyond loopback only with an api_key.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free port).")
+    api_key: str | None = Field(None, description="Clients must send 'Authorization: Bearer <key>' "
+                                "(default: the FTKIT_API_KEY environment variable).")
+    device: str | None = Field(None, pattern=r"^(cpu|cuda|cuda:\d+|mps)$",
+                               description="cpu, cuda or cuda:N (default: the first GPU, else cpu).")
+    served_model_name: str | None = Field(None, description="The base model's name in the API (default: "
+                                          "model_name_or_path as given).")
+    max_num_seqs: int = Field(64, ge=1, le=4096, description="Sequences batched together at most.")
+    max_num_batched_tokens: int = Field(2048, ge=1, le=1_048_576, description="Tokens in one engine step at most.")
+    max_model_len: int | None = Field(None, ge=2, description="Longest prompt + reply (default: the model's).")
+    kv_cache_memory: float | None = Field(None, gt=0, description="GiB for the KV cache (default: engine rule).")
+    enable_prefix_caching: bool = Field(True, description="Reuse the KV cache of shared prompt prefixes.")
+    scheduling_policy: Literal["fcfs", "priority"] = Field("fcfs", description="Order of waiting requests "
+                                                           "(priority: a request's smaller priority first).")
+    max_loras: int = Field(4, ge=1, le=256, description="Adapters resident at once (more are loaded on demand).")
+    max_waiting: int = Field(256, ge=0, le=1_000_000, description="Sequences that may wait beyond max_num_seqs; "
+                             "more get 429 at once.")
+    shutdown_timeout: float = Field(30, ge=0, le=86400, description="On SIGTERM, seconds to let requests in "
+                                    "flight finish before they are aborted.")
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs to shard the model over (vllm backend).")
+
+    def adapter_names(self) -> dict[str, str]:
+        """name -> adapter path, from ``NAME=PATH`` entries (a bare path is named after its folder)."""
+        named: dict[str, str] = {}
+        for entry in self.adapter_name_or_path or []:
+            name, sep, path = entry.partition("=")
+            if not sep:
+                name, path = entry.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1], entry
+            named.setdefault(name.strip(), path.strip())
+        return named
+
+    def problems(self) -> list[Problem]:
+        import ipaddress
+        import os
+
+        found = ModelSection.problems(self)
+        names = [entry.partition("=")[0].strip() if "=" in entry else None for entry in self.adapter_name_or_path or []]
+        if any(n == "" for n in names) or any(e.partition("=")[2].strip() == "" for e in self.adapter_name_or_path or []
+                                               if "=" in e):
+            found.append(("adapter_name_or_path", "adapter_name_or_path entries are NAME=PATH (or a path); "
+                          "one has an empty name or path."))
+        elif len(self.adapter_names()) < len(self.adapter_name_or_path or []):
+            found.append(("adapter_name_or_path", "two adapters have the same name; name them NAME=PATH."))
+        try:
+            loopback = self.host == "localhost" or ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback and not (self.api_key or os.environ.get("FTKIT_API_KEY")):
+            found.append(("host", f"host {self.host} is reachable from other machines, and without an API key "
+                          "anyone there could use the model; set api_key (or FTKIT_API_KEY) or listen on "
+                          "127.0.0.1."))
+        if self.tensor_parallel_size > 1 and self.infer_backend != "vllm":
+            found.append(("tensor_parallel_size", "tensor_parallel_size needs infer_backend vllm; ftkit's engine "
+                          "runs on one device."))
+        return found
+
+
+STAGE_SCHEMAS: dict[str, type[Section]] = {"train": TrainConfig, "merge-lora": MergeConfig,
+                                           "evaluate": EvaluateConfig, "serve": ServeConfig}
