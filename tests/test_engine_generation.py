@@ -1,6 +1,10 @@
 """The engine generates what the model generates: greedy equals transformers' ``generate`` token for token,
 whatever the batch, chunking, preemption or prefix caching; seeded sampling is batch-independent; logprobs
-are the model's. Every test ends with every block back in the pool."""
+are the model's. Every test ends with every block back in the pool.
+
+A tiny random model's greedy tokens hardly depend on attention (it mostly repeats a token), so the
+comparisons also hold each token's log-probability to 1e-4: a wrong mask or a stale cache block shows there.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,8 @@ import torch
 from ftkit.engine import EngineOptions, LLMEngine, SamplingParams
 from ftkit.models import load_for_inference
 
-GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=0)
+Answer = tuple[list[int], list[float]]
 
 
 @pytest.fixture(scope="module")
@@ -24,31 +29,41 @@ def random_prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
     return [torch.randint(10, 40000, (n,), generator=generator).tolist() for n in lengths]
 
 
-def transformers_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+def transformers_greedy(model, prompt: list[int], max_new_tokens: int) -> Answer:
     output = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
-                            temperature=None, top_p=None, top_k=None)
-    return output[0, len(prompt):].tolist()
+                            temperature=None, top_p=None, top_k=None, return_dict_in_generate=True,
+                            output_logits=True)
+    tokens = output.sequences[0, len(prompt):].tolist()
+    logprobs = [torch.log_softmax(step[0].float(), -1)[token].item() for step, token in zip(output.logits, tokens, strict=True)]
+    return tokens, logprobs
 
 
-def run(engine: LLMEngine, prompts, params=GREEDY) -> list[list[int]]:
+def run(engine: LLMEngine, prompts, params=GREEDY) -> list[Answer]:
     outputs = engine.generate(prompts, params)
     assert all(output.error is None for output in outputs)
     assert engine.free_blocks_all_returned()
-    return [output.outputs[0].token_ids for output in outputs]
+    return [(o.outputs[0].token_ids, [entry.logprob for entry in o.outputs[0].logprobs]) for o in outputs]
+
+
+def assert_same(answers: list[Answer], expected: list[Answer]) -> None:
+    """Same tokens, and the same log-probability for each (to 1e-4)."""
+    assert [tokens for tokens, _ in answers] == [tokens for tokens, _ in expected]
+    for (_, logprobs), (_, wanted) in zip(answers, expected, strict=True):
+        assert logprobs == pytest.approx(wanted, abs=1e-4)
 
 
 def test_greedy_is_token_identical_to_transformers_generate_for_single_prompts_of_several_lengths(tiny):
     engine = LLMEngine.from_inference_model(tiny)
     for prompt in random_prompts([1, 9, 16, 40, 130]):
-        assert run(engine, [prompt]) == [transformers_greedy(tiny.model, prompt, 20)]
+        assert_same(run(engine, [prompt]), [transformers_greedy(tiny.model, prompt, 20)])
 
 
 def test_a_mixed_batch_with_chunked_prefill_gives_each_request_what_it_gives_alone(tiny):
     prompts = random_prompts([3, 50, 17, 90, 1], seed=1)
     alone = [run(LLMEngine.from_inference_model(tiny), [p])[0] for p in prompts]
     engine = LLMEngine.from_inference_model(tiny, EngineOptions(max_num_batched_tokens=32, block_size=8))
-    assert run(engine, prompts) == alone
+    assert_same(run(engine, prompts), alone)
     assert engine.stats.steps > 20  # prefills were chunked and ran beside decodes
 
 
@@ -56,7 +71,7 @@ def test_preempted_and_recomputed_requests_give_what_unpreempted_ones_give(tiny)
     prompts = random_prompts([12, 20, 7, 15], seed=2)
     roomy = run(LLMEngine.from_inference_model(tiny), prompts)
     cramped = LLMEngine.from_inference_model(tiny, EngineOptions(block_size=4, num_kv_blocks=16))
-    assert run(cramped, prompts) == roomy
+    assert_same(run(cramped, prompts), roomy)
     assert cramped.stats.num_preemptions > 0
 
 
@@ -65,8 +80,8 @@ def test_prefix_cached_requests_equal_uncached_ones_and_hit_the_cache(tiny):
     prompts = [system + tail for tail in random_prompts([4, 9, 1], seed=4)]
     uncached = run(LLMEngine.from_inference_model(tiny, EngineOptions(enable_prefix_caching=False)), prompts)
     engine = LLMEngine.from_inference_model(tiny, EngineOptions(block_size=8))
-    assert run(engine, prompts[:1]) == uncached[:1]
-    assert run(engine, prompts[1:]) == uncached[1:]
+    assert_same(run(engine, prompts[:1]), uncached[:1])
+    assert_same(run(engine, prompts[1:]), uncached[1:])
     assert engine.kv_cache.num_prefix_hits >= 2 * 40  # five full blocks of the system prompt, twice
 
 

@@ -10,7 +10,7 @@ from ftkit.engine import EngineOptions, LLMEngine, SamplingParams
 from ftkit.errors import FtkitError
 from ftkit.models import load_for_inference
 
-GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
 PROMPT = list(range(1000, 1040))  # two and a half blocks: the prefix cache is exercised
 
 
@@ -32,24 +32,34 @@ def adapters(tiny_llama_dir, tmp_path_factory):
     return {name: save_random_lora(tiny_llama_dir, root / name, seed) for name, seed in (("red", 1), ("blue", 2))}
 
 
-def merged_answer(base_dir, adapter_dir) -> list[int]:
+def answer(output) -> tuple[list[int], list[float]]:
+    completion = output.outputs[0]
+    return completion.token_ids, [round(entry.logprob, 4) for entry in completion.logprobs]
+
+
+def merged_answer(base_dir, adapter_dir) -> tuple[list[int], list[float]]:
     loaded = load_for_inference(str(base_dir), [adapter_dir] if adapter_dir else None, dtype=torch.float32,
                                 device=torch.device("cpu"))
-    return LLMEngine.from_inference_model(loaded).generate([PROMPT], GREEDY)[0].outputs[0].token_ids
+    return answer(LLMEngine.from_inference_model(loaded).generate([PROMPT], GREEDY)[0])
+
+
+def assert_close(got: tuple[list[int], list[float]], wanted: tuple[list[int], list[float]]) -> None:
+    assert got[0] == wanted[0] and got[1] == pytest.approx(wanted[1], abs=2e-4)
 
 
 def test_requests_for_different_adapters_in_one_batch_each_get_their_merged_models_answer(tiny_llama_dir, adapters):
     expected = {name: merged_answer(tiny_llama_dir, adapters.get(name)) for name in (None, "red", "blue")}
-    assert len({tuple(tokens) for tokens in expected.values()}) == 3  # the adapters do change the answer
+    assert len({tuple(tokens) for tokens, _ in expected.values()}) == 3  # the adapters do change the answer
     base = load_for_inference(str(tiny_llama_dir), dtype=torch.float32, device=torch.device("cpu"))
     engine = LLMEngine.from_inference_model(base)
     for name, directory in adapters.items():
         engine.load_adapter(name, directory)
     order = [None, "red", "blue", "red", None]
     outputs = engine.generate([PROMPT] * len(order), GREEDY, adapters=order)
-    assert [o.outputs[0].token_ids for o in outputs] == [expected[name] for name in order]
+    for output, name in zip(outputs, order, strict=True):
+        assert_close(answer(output), expected[name])
     again = engine.generate([PROMPT], GREEDY, adapters=["blue"])[0]  # after the cache holds all three prompts
-    assert again.outputs[0].token_ids == expected["blue"]
+    assert_close(answer(again), expected["blue"])
     assert engine.free_blocks_all_returned()
 
 
