@@ -7,6 +7,9 @@ user logits processors, ``min_tokens`` (stop tokens masked), repetition penalty 
 presence and frequency penalties (output), then greedy argmax or temperature, top-k, top-p, min-p and a
 draw. Log-probabilities are those of the model's raw logits (``log_softmax``), before any processing.
 
+Written here rather than with transformers' logits processors because those apply one setting to a whole
+batch; here every row carries its own.
+
 A failure while sampling one request (a logits processor that raises, probabilities that are all NaN) is
 that request's error; the others in the step are sampled as usual.
 """
