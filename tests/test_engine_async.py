@@ -59,6 +59,9 @@ def test_a_caller_that_stops_listening_aborts_its_request(tiny):
             await anext(stream)
             await stream.aclose()
             await collect(front, "after", "Hi", GREEDY)  # one more request: the abort has been applied
+            assert await front.between_steps(lambda: engine.pool.num_used_blocks) == 0
+            with pytest.raises(FtkitError, match="No adapter named 'x' is loaded"):
+                await front.between_steps(lambda: engine.unload_adapter("x"))
 
     asyncio.run(scenario())
     assert not engine.has_unfinished_requests and engine.free_blocks_all_returned()

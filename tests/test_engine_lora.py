@@ -76,3 +76,11 @@ def test_at_most_max_loras_are_resident_and_a_busy_one_is_never_evicted(tiny_lla
     assert engine.adapters == ["blue"]
     with pytest.raises(FtkitError, match="asks for adapter 'red', which is not loaded \\(loaded: blue\\)"):
         engine.add_request("late", PROMPT, GREEDY, adapter="red")
+    engine.add_request("blue-busy", PROMPT, GREEDY, adapter="blue")
+    with pytest.raises(FtkitError, match="Adapter 'blue' is serving requests; unload it when they have finished"):
+        engine.unload_adapter("blue")
+    engine.abort("blue-busy")
+    engine.unload_adapter("blue")
+    assert engine.adapters == []
+    with pytest.raises(FtkitError, match="No adapter named 'blue' is loaded \\(loaded: none\\)"):
+        engine.unload_adapter("blue")

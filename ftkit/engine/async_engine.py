@@ -112,6 +112,11 @@ class AsyncEngine:
                 self._streams.pop(request_id, None)
                 self._call(lambda: self.engine.abort(request_id))
 
+    async def between_steps(self, command: Callable[[], Any]) -> Any:
+        """Run ``command`` (e.g. ``lambda: engine.load_adapter(...)``) on the loop thread between two steps, and
+        return its result (or raise its error) here."""
+        return await asyncio.wrap_future(self._call(command))
+
     async def abort(self, request_id: str) -> None:
         """Stop a request (its stream ends with an ``abort`` output); its blocks are back in the pool when this
         returns."""

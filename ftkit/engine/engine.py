@@ -162,6 +162,14 @@ class LLMEngine:
         if self.lora.load(name, resolve_adapter_dir(str(adapter)), in_use=in_use):
             self.pool.reset_prefix_cache()
 
+    def unload_adapter(self, name: str) -> None:
+        """Stop serving adapter ``name`` (refused while unfinished requests use it)."""
+        if self.lora is None or name not in self.lora:
+            raise FtkitError(f"No adapter named {name!r} is loaded (loaded: {', '.join(self.adapters) or 'none'}).")
+        if any(r.adapter == name and not r.finished for g in self._groups.values() for r in g.samples):
+            raise FtkitError(f"Adapter {name!r} is serving requests; unload it when they have finished.")
+        self.lora.unload(name)
+
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             return list(self.tokenizer(prompt)["input_ids"])
