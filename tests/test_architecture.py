@@ -42,7 +42,7 @@ def test_the_package_keeps_every_import_rule():
 
 @pytest.mark.parametrize(("module", "forbidden", "contract"), [
     ("data/encoding.py", "import ftkit.train", "data and models never import a stage"),
-    ("merge/verify.py", "import ftkit.train.checkpoints", "Stages never import each other"),
+    ("merge/checks.py", "import ftkit.train.checkpoints", "Stages never import each other"),
     ("config/loading.py", "import torch", "config imports no torch"),
 ])
 def test_a_forbidden_import_fails_with_the_rules_name(tmp_path, module, forbidden, contract):
