@@ -34,8 +34,8 @@ def probe(adapter: Path, name: str, author: str) -> dict[str, int]:
     import yaml
 
     from ftkit.chat import load_chat_model
+    from ftkit.engine.replies import generate_replies
     from ftkit.guard.general_check import IDENTITY_PROBES, identity_hits
-    from ftkit.models.generate import generate_replies
 
     base = yaml.safe_load(CONFIG.read_text())["model_name_or_path"]
     model, tokenizer = load_chat_model(base, [str(adapter)])

@@ -1,7 +1,8 @@
 """``ftkit chat``: try a model (with LoRA adapters) in the terminal, one-shot or interactive.
 
 With ``--adapter``, the tokenizer and chat template saved next to the adapter by ``ftkit train`` are
-used, so the model is prompted exactly as it was trained.
+used, so the model is prompted exactly as it was trained. Answers come from the inference engine
+(``ftkit.engine.replies``), streamed token by token in the interactive mode.
 """
 
 from __future__ import annotations
@@ -24,9 +25,7 @@ def load_chat_model(model: str, adapters: list[str], template: str = "auto"):
 def run_chat(*, model: str, adapters: list[str], prompt: str | None, system: str | None, template: str,
              max_new_tokens: int, temperature: float) -> None:
     """One answer to ``prompt`` on stdout, or an interactive session when no prompt is given."""
-    from transformers import TextStreamer
-
-    from ftkit.models.generate import generate_replies
+    from ftkit.engine.replies import generate_replies
 
     loaded, tokenizer = load_chat_model(model, adapters, template)
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
@@ -37,7 +36,6 @@ def run_chat(*, model: str, adapters: list[str], prompt: str | None, system: str
         _note_if_cut(reply, max_new_tokens)
         return
     console.print("[bold]ftkit chat[/] — type a message; /clear forgets the conversation, /exit (or Ctrl-D) quits.")
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     while True:
         try:
             user = input("\nyou> ").strip()
@@ -56,9 +54,15 @@ def run_chat(*, model: str, adapters: list[str], prompt: str | None, system: str
         sys.stdout.write("assistant> ")
         sys.stdout.flush()
         reply = generate_replies(loaded, tokenizer, [history], max_new_tokens=max_new_tokens,
-                                 temperature=temperature, streamer=streamer)[0]
+                                 temperature=temperature, on_text=_write)[0]
+        print()
         _note_if_cut(reply, max_new_tokens)
         history.append({"role": "assistant", "content": reply.text})
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def _note_if_cut(reply, max_new_tokens: int) -> None:

@@ -45,7 +45,7 @@ def identity_adapter(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_the_fine_tuned_model_says_its_new_name_and_stops(identity_adapter):
     from ftkit.chat import load_chat_model
-    from ftkit.models.generate import generate_replies
+    from ftkit.engine.replies import generate_replies
 
     model, tokenizer = load_chat_model("smollm2-135m-instruct", [str(identity_adapter)])
     reply = generate_replies(model, tokenizer, [[{"role": "user", "content": "Who are you?"}]],

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from ftkit.engine import EngineOptions, LLMEngine, SamplingParams
-from ftkit.models import ensure_embedded_model, load_for_inference
-from ftkit.models.generate import stop_token_ids
+from ftkit.models import ensure_embedded_model, load_for_inference, stop_token_ids
 
 QUESTIONS = ["What is the capital of France?", "Name three primary colours.", "Say hello in Spanish."]
 

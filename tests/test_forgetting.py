@@ -17,6 +17,7 @@ import pytest
 from ftkit.config import TrainConfig, load_stage_config
 from ftkit.data.dataset import encode_dataset
 from ftkit.data.options import DataOptions
+from ftkit.engine.replies import Reply
 from ftkit.errors import FtkitError
 from ftkit.guard import prepare_guarded_dataset
 from ftkit.guard.answer_cache import AnswerCache
@@ -36,7 +37,6 @@ from ftkit.guard.replay import (
     self_replay,
 )
 from ftkit.guard.system_prompts import GENERIC_SYSTEM_PROMPTS, SystemPromptVariants, vary_system_prompts
-from ftkit.models.generate import Reply
 from ftkit.train import run_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -280,7 +280,7 @@ def quickstart_keys(output_dir: Path, **overrides) -> dict:
 
 def identity_answers(adapter: Path, system: str | None) -> list[str]:
     from ftkit.chat import load_chat_model
-    from ftkit.models.generate import generate_replies
+    from ftkit.engine.replies import generate_replies
 
     model, tokenizer = load_chat_model("smollm2-135m-instruct", [str(adapter)])
     conversations = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q}]

@@ -24,9 +24,9 @@ from safetensors import safe_open
 from ftkit.config import MergeConfig, load_stage_config
 from ftkit.data.templates import apply_chat_template_to_tokenizer, render_conversation
 from ftkit.errors import FtkitError
-from ftkit.merge import run_merge
 from ftkit.export.modelfile import ollama_modelfile
 from ftkit.export.verify import VERIFICATION_CONVERSATIONS
+from ftkit.merge import run_merge
 from ftkit.models import (
     ModelSource,
     apply_lora,
@@ -552,7 +552,7 @@ def embedded_merge(tmp_path_factory):
 
 
 def greedy_ids(model, tokenizer) -> list[list[int]]:
-    from ftkit.models.generate import generate_replies
+    from ftkit.engine.replies import generate_replies
 
     conversations = [[{"role": "user", "content": prompt}] for prompt in CHAT_PROMPTS]
     return [reply.token_ids for reply in generate_replies(model, tokenizer, conversations, max_new_tokens=32, batch_size=1)]

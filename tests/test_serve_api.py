@@ -56,7 +56,7 @@ def client(server):
 
 def chat_answer(base_dir, adapter_dir, max_new_tokens: int) -> str:
     """What ``ftkit chat --model BASE --adapter ADAPTER --prompt ...`` prints (fp32, adapter merged)."""
-    from ftkit.models.generate import generate_replies
+    from ftkit.engine.replies import generate_replies
 
     loaded = load_for_inference(str(base_dir), [adapter_dir] if adapter_dir else None, dtype=torch.float32,
                                 device=torch.device("cpu"))

@@ -2,7 +2,7 @@
 
 ``ftkit train`` builds one ``BaseModelAnswers`` around the model it is about to train (loaded lazily, so
 a run whose answers are all cached does not wait on generation) and ``ftkit data preview`` builds one to
-show the replay examples. Generation goes through ``ftkit.models.generate``; the model being trained and
+show the replay examples. Generation runs on the inference engine (``ftkit.engine.replies``); the model being trained and
 the check model are loaded the one way every stage loads them (``ftkit.models``).
 """
 
@@ -61,7 +61,7 @@ class BaseModelAnswers:
 
     def _generate(self, model_getter: Callable[[], Any], max_new_tokens: int, batch_size: int,
                   stop_batch_when_finished: float | None = None) -> Generate:
-        from ftkit.models.generate import generate_replies
+        from ftkit.engine.replies import generate_replies
 
         def generate(conversations):
             model = model_getter()

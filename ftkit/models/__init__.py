@@ -32,6 +32,7 @@ from ftkit.models.loader import (
     load_model,
     load_tokenizer,
     quantization_config,
+    stop_token_ids,
     sync_special_tokens,
 )
 from ftkit.models.parameters import cast_weights, is_quantized, upcast_trainable
@@ -99,6 +100,7 @@ __all__ = [
     "resolve_load_dtype",
     "resolve_mixed_precision",
     "resolve_model_source",
+    "stop_token_ids",
     "sync_special_tokens",
     "trainable_parameter_summary",
     "upcast_trainable",

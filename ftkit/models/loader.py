@@ -114,6 +114,17 @@ def load_tokenizer(
     return tokenizer
 
 
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids that end an answer: eos and the chat template's end-of-turn token."""
+    ids = {tokenizer.eos_token_id}
+    turn_end = _turn_end_token(tokenizer)
+    if turn_end is not None:
+        turn_end_id = tokenizer.convert_tokens_to_ids(turn_end)
+        if isinstance(turn_end_id, int) and turn_end_id != tokenizer.unk_token_id:
+            ids.add(turn_end_id)
+    return sorted(i for i in ids if i is not None)
+
+
 def sync_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     """Make the model agree with the (fixed) tokenizer: pad id, stop ids, and embedding rows."""
     embeddings = model.get_input_embeddings()

@@ -33,7 +33,7 @@ class ServedName:
 
 def chat_stop_token_ids(tokenizer: Any) -> list[int]:
     """The ids that end a chat reply: eos and the template's end-of-turn token, as ``ftkit chat`` stops."""
-    from ftkit.models.generate import stop_token_ids
+    from ftkit.models import stop_token_ids
 
     return stop_token_ids(tokenizer)
 
