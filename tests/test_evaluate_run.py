@@ -125,3 +125,44 @@ def test_general_benchmark_reports_right_answers_of_the_guards_questions(tiny_ll
     samples = read_samples(tmp_path / "out" / "samples.jsonl")
     assert results["n"] == 2 and all(isinstance(s["correct"], bool) for s in samples)
     assert results["scores"]["general"]["right_count"] == sum(s["correct"] for s in samples)
+
+
+def test_chat_template_output_file_and_a_benchmark_given_as_a_path(tiny_llama_dir, tmp_path):
+    data = write_gsm8k(tmp_path / "datasets" / "gsm8k")
+    config = EvaluateConfig(model_name_or_path=str(tiny_llama_dir), benchmark=str(data), limit=2, num_fewshot=1,
+                            apply_chat_template=True, max_new_tokens=8, output_file=str(tmp_path / "r.json"))
+    results = run_evaluation(config)  # LLaMA-Factory's spelling: --benchmark datasets/gsm8k --output_file r.json
+    samples = read_samples(tmp_path / "r.samples.jsonl")
+    assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(results))
+    assert results["benchmark"] == "gsm8k" and results["settings"]["apply_chat_template"] is True
+    prompt = samples[0]["prompt"]  # the few-shot example as a user turn and an assistant turn, then the question
+    assert prompt.count("<|im_start|>user") == 2 and prompt.count("<|im_start|>assistant") == 2
+    assert prompt.endswith("<|im_start|>assistant\n")
+
+
+def test_base_plus_adapter_without_merge_in_bf16_says_answers_may_differ(tiny_llama_dir, tmp_path):
+    from test_bad_input_paths import save_adapter
+
+    adapter = save_adapter(tiny_llama_dir, tmp_path / "adapter")
+    data = write_gsm8k(tmp_path / "gsm8k")
+    results = run_evaluation(_config(tmp_path, tiny_llama_dir, "gsm8k", data=str(data), limit=1, num_fewshot=0,
+                                     adapter_name_or_path=[str(adapter)], dtype="bf16"))
+    assert results["adapters"] == [str(adapter)] and results["dtype"] == "bfloat16"
+    assert "answers may differ from an fp32 run" in results["note"]
+
+
+@pytest.mark.slow
+def test_embedded_model_limit_5_results_and_samples_agree(tmp_path):
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+    if not (data / "test.jsonl").is_file():
+        pytest.skip(f"GSM8K data not at {data}")
+    done = ftkit("evaluate", "--model", "smollm2-135m-instruct", "--data", str(data), "--limit", "5",
+                 "--output", "out", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    samples = read_samples(tmp_path / "out" / "samples.jsonl")
+    assert results["n"] == 5 == len(samples) and sorted(s["doc_id"] for s in samples) == list(range(5))
+    for name in gsm8k.FILTERS:
+        correct = [float(s["filters"][name]["correct"]) for s in samples]
+        assert results["scores"][name]["exact_match"] == pytest.approx(sum(correct) / 5)
+        assert all(s["filters"][name] == gsm8k.score_output(s["output"], "#### " + s["target"])[name] for s in samples)
