@@ -138,9 +138,7 @@ def main() -> None:
         theirs = lm_eval_answers(args.work / f"lm-eval-b{batch}")
         for f in FILTERS:
             same = sum(1 for d in ours if d in theirs and ours[d][f] == theirs[d][f])
-            lm_score = None
-            print(f"  vs lm-eval batch {batch}, {f}: {same}/{len(ours)} items with identical extracted answers"
-                  + (f" (lm-eval {lm_score})" if lm_score else ""))
+            print(f"  vs lm-eval batch {batch}, {f}: {same}/{len(ours)} items with identical extracted answers")
         raw_same = sum(1 for d in ours if d in theirs and ours[d]["output"] == theirs[d]["output"])
         print(f"  vs lm-eval batch {batch}: {raw_same}/{len(ours)} identical raw outputs")
         for d in sorted(ours):
