@@ -166,3 +166,22 @@ def test_embedded_model_limit_5_results_and_samples_agree(tmp_path):
         correct = [float(s["filters"][name]["correct"]) for s in samples]
         assert results["scores"][name]["exact_match"] == pytest.approx(sum(correct) / 5)
         assert all(s["filters"][name] == gsm8k.score_output(s["output"], "#### " + s["target"])[name] for s in samples)
+
+
+def test_resume_reads_complete_lines_cuts_a_torn_one_and_refuses_other_settings(tmp_path):
+    from ftkit.errors import FtkitError
+    from ftkit.evaluate.outputs import OutputFiles
+
+    files = OutputFiles.at(str(tmp_path / "out"), None, default_dir="unused")
+    settings = {"model": "a", "adapters": [], "settings": {"limit": 3, "num_fewshot": 5}}
+    files.start(settings, overwrite=False, resume=False)
+    files.append({"doc_id": 0, "output": "x"})
+    with files.samples.open("a") as f:
+        f.write('{"doc_id": 1, "outp')  # a kill in the middle of a line
+    again = OutputFiles.at(str(tmp_path / "out"), None, default_dir="unused")
+    again.start(settings, overwrite=False, resume=True)
+    assert list(again.done) == [0] and files.samples.read_text().endswith('"x"}\n')
+    for changed, key in (({**settings, "model": "b"}, "model"), ({**settings, "settings": {"limit": 4}}, "limit")):
+        with pytest.raises(FtkitError, match=f"was a run with {key}"):
+            OutputFiles.at(str(tmp_path / "out"), None, default_dir="unused").start(changed, overwrite=False,
+                                                                                    resume=True)

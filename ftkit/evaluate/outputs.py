@@ -72,8 +72,10 @@ class OutputFiles:
             previous = json.loads(self.results.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return  # a killed first write: the samples decide
-        for key, value in settings.get("settings", {}).items():
-            old = previous.get("settings", {}).get(key, value)
+        compared = {**{k: v for k, v in settings.items() if k != "settings"}, **settings.get("settings", {})}
+        before = {**previous, **previous.get("settings", {})}
+        for key, value in compared.items():
+            old = before.get(key, value)
             if old != value:
                 raise FtkitError(f"--resume: {self.results} was a run with {key} {old!r}, this one has {value!r}; "
                                  "resume with the same settings or pass --overwrite to start again.")
