@@ -208,9 +208,10 @@ def serve(
     shutdown_timeout: Annotated[float | None, typer.Option("--shutdown-timeout", help="Seconds in-flight "
                                                            "requests get to finish on SIGTERM.")] = None,
 ) -> None:
-    """Serve a model and its LoRA adapters behind an OpenAI-compatible API (/v1/chat/completions, /v1/completions).
+    """Serve a model behind an OpenAI-compatible API (/v1/chat/completions, /v1/completions), LoRA adapters by name.
 
-    Continuous batching on a paged KV cache, adapters side by side without merging, /metrics for Prometheus.
+    Continuous batching on a paged KV cache, adapters side by side without merging, /metrics for Prometheus;
+    --backend vllm hands the same settings to vLLM.
     """
     flags = {"model_name_or_path": model, "adapter_name_or_path": adapter or None, "host": host, "port": port,
              "api_key": api_key, "device": device, "infer_backend": backend, "infer_dtype": dtype,

@@ -173,28 +173,32 @@ class ServeConfig(ModelSection):
                                     "flight finish before they are aborted.")
     tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs to shard the model over (vllm backend).")
 
-    def adapter_names(self) -> dict[str, str]:
-        """name -> adapter path, from ``NAME=PATH`` entries (a bare path is named after its folder)."""
-        named: dict[str, str] = {}
+    def adapter_entries(self) -> list[tuple[str, str]]:
+        """(name, path) per ``NAME=PATH`` entry; a bare path is named after its folder."""
+        entries = []
         for entry in self.adapter_name_or_path or []:
             name, sep, path = entry.partition("=")
             if not sep:
                 name, path = entry.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1], entry
-            named.setdefault(name.strip(), path.strip())
-        return named
+            entries.append((name.strip(), path.strip()))
+        return entries
+
+    def adapter_names(self) -> dict[str, str]:
+        """name -> adapter path."""
+        return dict(self.adapter_entries())
 
     def problems(self) -> list[Problem]:
         import ipaddress
         import os
 
         found = ModelSection.problems(self)
-        names = [entry.partition("=")[0].strip() if "=" in entry else None for entry in self.adapter_name_or_path or []]
-        if any(n == "" for n in names) or any(e.partition("=")[2].strip() == "" for e in self.adapter_name_or_path or []
-                                               if "=" in e):
-            found.append(("adapter_name_or_path", "adapter_name_or_path entries are NAME=PATH (or a path); "
-                          "one has an empty name or path."))
-        elif len(self.adapter_names()) < len(self.adapter_name_or_path or []):
-            found.append(("adapter_name_or_path", "two adapters have the same name; name them NAME=PATH."))
+        names = [name for name, _ in self.adapter_entries()]
+        if any(not name or not path for name, path in self.adapter_entries()):
+            found.append(("adapter_name_or_path", "adapter_name_or_path entries are NAME=PATH (or a path); one "
+                          "has an empty name or path."))
+        elif twice := sorted({name for name in names if names.count(name) > 1}):
+            found.append(("adapter_name_or_path", f"adapter_name_or_path names two adapters {twice[0]!r}; give "
+                          "each its own name as NAME=PATH."))
         try:
             loopback = self.host == "localhost" or ipaddress.ip_address(self.host).is_loopback
         except ValueError:

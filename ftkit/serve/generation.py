@@ -12,7 +12,6 @@ Admission is bounded: more than ``max_num_seqs + max_waiting`` sequences in flig
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -53,7 +52,7 @@ class Generation:
         self.max_model_len, self.vocab_size = engine.max_model_len, engine.vocab_size
         self.capacity = engine.options.max_num_seqs + max_waiting
         self.in_flight = 0
-        self._ids = itertools.count()
+        self.engine_request_ids: set[str] = set()
 
     # ---- preparing ---------------------------------------------------------------------------------------
 
@@ -136,10 +135,11 @@ class Generation:
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(index: int) -> None:
+            request_id = f"{job.request_id}-{index}"
+            self.engine_request_ids.add(request_id)
             try:
-                async for output in self.front.generate(f"{job.request_id}-{index}", job.prompts[index],
-                                                        job.params, priority=job.priority,
-                                                        adapter=job.served.adapter):
+                async for output in self.front.generate(request_id, job.prompts[index], job.params,
+                                                        priority=job.priority, adapter=job.served.adapter):
                     if output.finished:
                         self._observe(output)
                     await queue.put((index, output))
@@ -147,6 +147,8 @@ class Generation:
                 await queue.put((index, APIError(400, str(error))))
             except Exception as error:
                 await queue.put((index, error))
+            finally:
+                self.engine_request_ids.discard(request_id)
 
         tasks = [asyncio.create_task(pump(index)) for index in range(len(job.prompts))]
         remaining = len(tasks)
@@ -173,6 +175,11 @@ class Generation:
         finally:
             await stream.aclose()
         return [finals[index] for index in range(len(job.prompts))]
+
+    async def abort_all(self) -> None:
+        """Abort every request in flight: each ends with finish_reason ``abort`` and what it generated so far."""
+        for request_id in list(self.engine_request_ids):
+            await self.front.abort(request_id)
 
     def _observe(self, output: RequestOutput) -> None:
         self.metrics.observe_generation(

@@ -27,6 +27,7 @@ from ftkit.config import LoadedConfig, ServeConfig
 from ftkit.errors import FtkitError
 
 console = Console(stderr=True, highlight=False)
+_ABORT_GRACE_S = 5  # after aborting, seconds for the aborted streams to send their last chunk
 
 
 def _say(message: str) -> None:
@@ -56,13 +57,20 @@ def build_state(config: ServeConfig) -> Any:
 
     from ftkit.engine import EngineOptions, LLMEngine
     from ftkit.engine.async_engine import AsyncEngine
-    from ftkit.models import LoadOptions, load_for_inference, model_source_from_config, parse_dtype
+    from ftkit.models import (
+        LoadOptions,
+        load_for_inference,
+        model_source_from_config,
+        parse_dtype,
+        resolve_adapter_dir,
+    )
     from ftkit.serve.app import ServerState
     from ftkit.serve.generation import Generation
     from ftkit.serve.metrics import ServerMetrics
     from ftkit.serve.served_models import ServedModels
 
     source = model_source_from_config(config)
+    adapters = {name: resolve_adapter_dir(path) for name, path in config.adapter_names().items()}  # before loading
     device = torch.device(config.device) if config.device else None
     dtype = None if config.infer_dtype == "auto" else parse_dtype(config.infer_dtype)
     loaded = load_for_inference(source, template=config.template, dtype=dtype, device=device,
@@ -74,8 +82,8 @@ def build_state(config: ServeConfig) -> Any:
     engine = LLMEngine.from_inference_model(loaded, options)
     models = ServedModels(config.served_model_name or config.model_name_or_path, source, loaded.tokenizer,
                           template=config.template, trust_remote_code=config.trust_remote_code)
-    for name, path in config.adapter_names().items():
-        models.add_adapter(engine, name, path)
+    for name, adapter_dir in adapters.items():
+        models.add_adapter(engine, name, str(adapter_dir))
     front = AsyncEngine(engine)
     metrics = ServerMetrics(engine)
     generation = Generation(front, models, metrics, max_waiting=config.max_waiting)
@@ -84,15 +92,18 @@ def build_state(config: ServeConfig) -> Any:
 
 
 class _Server:
-    """uvicorn's server without its signal re-raise: SIGTERM drains and the process exits 0."""
+    """uvicorn's server draining on SIGTERM/SIGINT: ``shutdown_timeout`` seconds for requests in flight, then
+    ``on_timeout`` (abort them, so their clients still get a final chunk); the process then exits 0 (uvicorn's
+    re-raise of the signal is left out)."""
 
-    def __init__(self, app: Any, *, shutdown_timeout: float, log_level: str = "warning") -> None:
+    def __init__(self, app: Any, *, shutdown_timeout: float, on_timeout: Any = None, log_level: str = "warning") -> None:
         import uvicorn
 
-        config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout,
-                                lifespan="on", access_log=False)
+        config = uvicorn.Config(app, log_level=log_level, lifespan="on", access_log=False,
+                                timeout_graceful_shutdown=shutdown_timeout + _ABORT_GRACE_S)
         self.server = uvicorn.Server(config)
         self.server.capture_signals = self._capture_signals  # type: ignore[method-assign]
+        self.shutdown_timeout, self.on_timeout = shutdown_timeout, on_timeout
 
     @contextlib.contextmanager
     def _capture_signals(self) -> Iterator[None]:
@@ -106,8 +117,22 @@ class _Server:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
+    async def _abort_after_timeout(self) -> None:
+        while not self.server.should_exit:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(self.shutdown_timeout)
+        if self.on_timeout is not None:
+            await self.on_timeout()
+
+    async def _serve(self, sock: socket.socket) -> None:
+        watcher = asyncio.create_task(self._abort_after_timeout())
+        try:
+            await self.server.serve(sockets=[sock])
+        finally:
+            watcher.cancel()
+
     def serve(self, sock: socket.socket) -> None:
-        asyncio.run(self.server.serve(sockets=[sock]))
+        asyncio.run(self._serve(sock))
 
 
 def run_serve(loaded: LoadedConfig) -> None:
@@ -133,7 +158,8 @@ def run_serve(loaded: LoadedConfig) -> None:
         url_host = f"[{host}]" if ":" in host else host
         _say(f"ready in {time.monotonic() - started:.1f} s: http://{url_host}:{port}/v1 (OpenAI API), /health, "
              "/metrics; Ctrl-C or SIGTERM stops it")
-        _Server(create_app(state), shutdown_timeout=config.shutdown_timeout).serve(sock)
+        _Server(create_app(state), shutdown_timeout=config.shutdown_timeout,
+                on_timeout=state.generation.abort_all).serve(sock)
     finally:
         sock.close()
     _say("stopped")
