@@ -15,7 +15,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ftkit.engine import RequestOutput, SamplingParams
@@ -36,6 +36,7 @@ class Job:
     params: SamplingParams
     priority: int
     prompt_texts: list[str] | None = None  # for echo
+    implicit_stop_ids: list[int] = field(default_factory=list)  # eos/end-of-turn added for chats
 
     @property
     def num_sequences(self) -> int:
@@ -72,7 +73,8 @@ class Generation:
         stops = [] if request.ignore_eos else served.stop_token_ids
         params = self._params(request, [ids], request.requested_max_tokens, logprobs=request.logprobs_k,
                               prompt_logprobs=None, stop_token_ids=stops, field="messages")
-        return Job(f"chatcmpl-{uuid.uuid4().hex}", served, [ids], params, request.priority)
+        return Job(f"chatcmpl-{uuid.uuid4().hex}", served, [ids], params, request.priority,
+                   implicit_stop_ids=list(stops))
 
     def prepare_completion(self, request: CompletionRequest) -> Job:
         request.refuse_unsupported()

@@ -36,8 +36,10 @@ def _token_text(tokenizer: Any, token_id: int) -> str:
     return tokenizer.decode([token_id])
 
 
-def _stop_reason(completion: CompletionOutput) -> str | int | None:
-    return completion.stop_reason
+def _stop_reason(job: Job, completion: CompletionOutput) -> str | int | None:
+    """The stop string or id the request asked for that ended the sample (None for eos/end of turn, as vLLM)."""
+    reason = completion.stop_reason
+    return None if isinstance(reason, int) and reason in job.implicit_stop_ids else reason
 
 
 # ---- chat -------------------------------------------------------------------------------------------------
@@ -60,7 +62,7 @@ def chat_response(job: Job, model: str, output: RequestOutput, want_logprobs: bo
         "message": {"role": "assistant", "content": c.text},
         "logprobs": chat_logprobs(job.served.tokenizer, c.logprobs or []) if want_logprobs else None,
         "finish_reason": FINISH_REASONS.get(c.finish_reason or "", c.finish_reason),
-        "stop_reason": _stop_reason(c),
+        "stop_reason": _stop_reason(job, c),
     } for c in output.outputs]
     return {"id": job.request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": choices, "usage": usage([output])}
@@ -105,7 +107,7 @@ def _completion_choice(job: Job, prompt_index: int, output: RequestOutput, compl
     return {"index": prompt_index * job.params.n + completion.index, "text": prefix + completion.text,
             "logprobs": logprobs, "finish_reason": FINISH_REASONS.get(completion.finish_reason or "",
                                                                       completion.finish_reason),
-            "stop_reason": _stop_reason(completion)}
+            "stop_reason": _stop_reason(job, completion)}
 
 
 def completion_response(job: Job, model: str, outputs: list[RequestOutput], echo: bool) -> dict[str, Any]:
