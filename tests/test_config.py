@@ -436,7 +436,7 @@ def test_cli_missing_config_file_is_one_line(tmp_path):
     ]
 
 
-@pytest.mark.parametrize("command", ["serve", "evaluate", "quantize"])
+@pytest.mark.parametrize("command", ["quantize"])
 def test_cli_unimplemented_stage_says_so_in_one_line(command):
     result = ftkit(command)
     assert result.returncode == 1
