@@ -182,33 +182,16 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         job = generation.prepare_chat(body)
-        model = job.served.name
-        generation.admit(job)
-        if body.stream:
-            return _ClosingStream(_chat_events(generation, job, model, body), lambda: generation.release(job))
-        try:
-            outputs = await _until_disconnected(request, generation.run(job))
-        finally:
-            generation.release(job)
-        if outputs is None:
-            return Response(status_code=499)
-        return JSONResponse(chat_response(job, model, outputs[0], body.logprobs))
+        return await _answer(generation, job, request, body.stream,
+                             lambda model: _chat_events(generation, job, model, body),
+                             lambda model, outputs: chat_response(job, model, outputs[0], body.logprobs))
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(body: CompletionRequest, request: Request) -> Response:
         job = generation.prepare_completion(body)
-        model = job.served.name
-        generation.admit(job)
-        if body.stream:
-            return _ClosingStream(_completion_events(generation, job, model, body),
-                                  lambda: generation.release(job))
-        try:
-            outputs = await _until_disconnected(request, generation.run(job))
-        finally:
-            generation.release(job)
-        if outputs is None:
-            return Response(status_code=499)
-        return JSONResponse(completion_response(job, model, outputs, body.echo))
+        return await _answer(generation, job, request, body.stream,
+                             lambda model: _completion_events(generation, job, model, body),
+                             lambda model, outputs: completion_response(job, model, outputs, body.echo))
 
     @app.post("/v1/load_lora_adapter", dependencies=[Depends(authorized)])
     async def load_lora_adapter(body: LoadAdapterRequest) -> Response:
@@ -307,3 +290,19 @@ class _CountRequests:
             await send(message)
 
         await self.app(scope, receive, send=counting_send)
+
+
+async def _answer(generation: Any, job: Any, request: Request, stream: bool, events: Any, respond: Any) -> Response:
+    """Admit ``job``, then stream its ``events(model)`` or wait for it and return ``respond(model, outputs)``;
+    a client that hangs up gets its request aborted (499)."""
+    model = job.served.name
+    generation.admit(job)
+    if stream:
+        return _ClosingStream(events(model), lambda: generation.release(job))
+    try:
+        outputs = await _until_disconnected(request, generation.run(job))
+    finally:
+        generation.release(job)
+    if outputs is None:
+        return Response(status_code=499)
+    return JSONResponse(respond(model, outputs))
