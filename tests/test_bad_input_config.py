@@ -74,8 +74,6 @@ CASES = [
     BadInput("replay-source-unknown-in-preview", ["data", "preview", "cfg.yaml", "replay_source=nothere",
                                                   "finetuning_type=full"],
              ["command line", "replay_source 'nothere'"], files=cfg()),
-    BadInput("serve-not-implemented", ["serve"], ["`ftkit serve` is not implemented yet in ftkit", "; it is planned."]),
-    BadInput("evaluate-not-implemented", ["evaluate"], ["`ftkit evaluate` is not implemented", "; it is planned."]),
     BadInput("quantize-not-implemented", ["quantize"], ["`ftkit quantize` is not implemented", "; it is planned."]),
     BadInput("yaml-merge-key-lines", ["validate", "cfg.yaml"],
              ["cfg.yaml:4: lora_rnak: unknown key", "cfg.yaml:4: learning_rate"],
