@@ -9,7 +9,6 @@ loaded into the engine by name (multi-LoRA: never merged) and may be added or re
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,7 +102,7 @@ class ServedModels:
             raise APIError(400, f"An adapter named {name!r} is already served; unload it first or pick another "
                            "name.", "lora_name")
         try:
-            await _between_steps(front, lambda: self.add_adapter(front.engine, name, path))
+            await front.between_steps(lambda: self.add_adapter(front.engine, name, path))
         except FtkitError as error:
             raise APIError(400, str(error), "lora_path") from None
 
@@ -115,14 +114,4 @@ class ServedModels:
             raise APIError(400, f"Adapter {name!r} is serving {self.busy[name]} request(s); unload it when idle.",
                            "lora_name")
         del self.adapters[name]
-        # LLMEngine has no public unload yet: drop the weights from its multi-LoRA registry between steps.
-        await _between_steps(front, lambda: front.engine.lora.unload(name))
-
-
-async def _between_steps(front: AsyncEngine, command: Any) -> Any:
-    """Run ``command`` on the engine's loop thread, between two steps.
-
-    ``AsyncEngine`` has no public way to do this yet; its command queue is what ``generate`` and ``abort``
-    use themselves.
-    """
-    return await asyncio.wrap_future(front._call(command))
+        await front.between_steps(lambda: front.engine.unload_adapter(name))
