@@ -67,7 +67,8 @@ def run_engine(case: dict, started: float) -> dict:
     from ftkit.engine import EngineOptions, LLMEngine, SamplingParams
 
     loaded = load(case["dtype"])
-    engine = LLMEngine.from_inference_model(loaded, EngineOptions(enable_prefix_caching=case.get("prefix_cache", True)))
+    engine = LLMEngine.from_inference_model(loaded, EngineOptions(
+        enable_prefix_caching=case.get("prefix_cache", True), pack_weights=True))
     batch = prompts(loaded.tokenizer, case["concurrency"], case["shared_prefix"])
     engine.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=2))  # warm-up, as every system gets
     startup = time.perf_counter() - started

@@ -85,6 +85,22 @@ def test_prefix_cached_requests_equal_uncached_ones_and_hit_the_cache(tiny):
     assert engine.kv_cache.num_prefix_hits >= 2 * 40  # five full blocks of the system prompt, twice
 
 
+def test_decodes_under_a_long_shared_prefix_use_cascade_attention_and_give_what_they_give_uncached(tiny, monkeypatch):
+    from ftkit.engine import paged_attention
+
+    calls = []
+    real = paged_attention.cascade_decode_attention
+    monkeypatch.setattr(paged_attention, "cascade_decode_attention", lambda *a: calls.append(1) or real(*a))
+    system = random_prompts([paged_attention.CASCADE_MIN_SHARED_TOKENS + 20], seed=13)[0]
+    prompts = [system + tail for tail in random_prompts([3, 8, 1, 5, 12, 2], seed=14)]
+    uncached = run(LLMEngine.from_inference_model(tiny, EngineOptions(enable_prefix_caching=False)), prompts)
+    assert not calls  # nothing shared: no cascade
+    engine = LLMEngine.from_inference_model(tiny, EngineOptions(max_num_batched_tokens=40))
+    assert_same(run(engine, prompts[:1]), uncached[:1])  # computes and caches the system prompt's blocks
+    assert_same(run(engine, prompts[1:]), uncached[1:])  # chunked prefills of the tails beside cascade decodes
+    assert calls
+
+
 def test_seeded_sampling_is_the_same_alone_and_in_a_batch(tiny):
     prompt = random_prompts([10], seed=5)[0]
     seeded = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=11, max_tokens=15, ignore_eos=True)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ftkit.engine.cpu_weights import can_pack, pack_linear_weights
 from ftkit.engine.block_pool import BlockPool
 from ftkit.engine.kv_cache_manager import KVCacheManager
 from ftkit.engine.lora import MultiLoRA
@@ -92,6 +93,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv_cache, max_num_seqs=options.max_num_seqs,
                                    max_num_batched_tokens=options.max_num_batched_tokens,
                                    policy=options.scheduling_policy)
+        if options.pack_weights and can_pack(self.device, self.dtype):
+            pack_linear_weights(model, batch_hint=options.max_num_seqs)
         self.lora = MultiLoRA(model, max_loras=options.max_loras) if options.max_loras else None
         if supports_paged_attention(model):
             self.runner: PagedModelRunner | RecomputeModelRunner = PagedModelRunner(

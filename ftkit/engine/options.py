@@ -33,6 +33,7 @@ class EngineOptions:
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"
     max_loras: int = 4  # adapters resident at once (multi-LoRA)
+    pack_weights: bool = False  # bf16 on CPU: pack linear weights for oneDNN, in place (a model the engine owns)
 
     def validate(self) -> None:
         """Raise ``FtkitError`` naming the first setting out of range."""

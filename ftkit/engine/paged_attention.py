@@ -11,6 +11,12 @@ row (every scheduled token of every request, batch 1, ``position_ids`` per token
    single-token decodes in one SDPA over a padded gather with a key mask (one call, however many
    requests), each multi-token prefill chunk in its own causal SDPA.
 
+When many decodes share a long cached prefix (one system prompt before many questions: their block tables
+start with the same physical blocks), gathering that prefix once per request per layer costs more than
+the model's matrix multiplies. Then the decodes use *cascade attention* (as vLLM does for shared
+prefixes): every query attends to the shared blocks in one batched matrix multiply, gathered once, and to
+its own remaining blocks separately; the two partial softmaxes are merged through their log-sum-exps.
+
 Written here rather than using transformers' ``paged|eager``/``generate_batch`` path because that one
 owns its own cache and scheduler (no prefix sharing, no preemption, no priorities).
 """
@@ -24,6 +30,8 @@ import torch
 import torch.nn.functional as F
 
 ATTENTION_NAME = "ftkit_paged"
+CASCADE_MIN_SHARED_TOKENS = 256  # a shorter shared prefix is cheaper to gather per request
+CASCADE_MIN_DECODES = 4
 
 
 class PagedKVCache:
@@ -68,21 +76,82 @@ class StepAttention:
     decode_slots: torch.Tensor | None  # [decodes, longest context]: their context slots, then the pad slot
     decode_mask: torch.Tensor | None  # [decodes, 1, 1, longest context]: True where a slot is real
     prefills: list[PrefillChunk]
+    shared_slots: torch.Tensor | None = None  # cascade: the slots every decode's context starts with
 
     @classmethod
     def build(cls, cache: PagedKVCache, slot_mapping: list[int], decodes: list[tuple[int, list[int]]],
               prefills: list[tuple[int, int, list[int]]], device: torch.device) -> StepAttention:
         """``decodes``: (row, context slots); ``prefills``: (first row, length, context slots)."""
-        decode_rows = decode_slots = decode_mask = None
+        decode_rows = decode_slots = decode_mask = shared_slots = None
         if decodes:
-            longest = max(len(slots) for _, slots in decodes)
-            padded = [slots + [cache.pad_slot] * (longest - len(slots)) for _, slots in decodes]
-            lengths = torch.tensor([len(slots) for _, slots in decodes])
+            contexts = [slots for _, slots in decodes]
+            shared = shared_prefix_length(contexts, cache.block_size)
+            if shared >= CASCADE_MIN_SHARED_TOKENS and len(decodes) >= CASCADE_MIN_DECODES:
+                shared_slots = torch.tensor(contexts[0][:shared], device=device)
+                contexts = [slots[shared:] for slots in contexts]
+            longest = max(len(slots) for slots in contexts)
+            padded = [slots + [cache.pad_slot] * (longest - len(slots)) for slots in contexts]
+            lengths = torch.tensor([len(slots) for slots in contexts])
             decode_rows = torch.tensor([row for row, _ in decodes], device=device)
             decode_slots = torch.tensor(padded, device=device)
             decode_mask = (torch.arange(longest)[None, :] < lengths[:, None])[:, None, None, :].to(device)
         chunks = [PrefillChunk(start, length, torch.tensor(slots, device=device)) for start, length, slots in prefills]
-        return cls(cache, torch.tensor(slot_mapping, device=device), decode_rows, decode_slots, decode_mask, chunks)
+        return cls(cache, torch.tensor(slot_mapping, device=device), decode_rows, decode_slots, decode_mask, chunks,
+                   shared_slots)
+
+
+def shared_prefix_length(contexts: list[list[int]], block_size: int) -> int:
+    """How many leading slots every context has in common, in whole blocks (shared blocks are cached ones)."""
+    first, shared = contexts[0], min(len(slots) for slots in contexts) // block_size * block_size
+    for slots in contexts[1:]:
+        if slots[:shared] == first[:shared]:
+            continue
+        common = 0
+        while common + block_size <= shared and \
+                slots[common:common + block_size] == first[common:common + block_size]:
+            common += block_size
+        shared = common
+        if not shared:
+            break
+    return shared
+
+
+def cascade_decode_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: StepAttention,
+                             scale: float) -> torch.Tensor:
+    """Decode attention split at the shared prefix: ``queries`` ``[decodes, heads, dim]`` -> the same shape.
+
+    Each part returns unnormalised outputs with their running max and sum of exponentials (in float32); the
+    merge rescales both to the common max, as flash attention merges its tiles."""
+    decodes, heads, dim = queries.shape
+    kv_heads = keys.shape[1]
+    group = heads // kv_heads  # query head h reads kv head h // group (transformers' repeat_kv)
+    grouped = queries.view(decodes, kv_heads, group, dim)
+    # Shared part: [kv_heads, decodes * group, dim] @ [kv_heads, dim, shared] in one batched multiply.
+    shared_keys = keys.index_select(0, step.shared_slots).permute(1, 2, 0)
+    shared_values = values.index_select(0, step.shared_slots).permute(1, 0, 2)
+    by_kv_head = grouped.permute(1, 0, 2, 3).reshape(kv_heads, decodes * group, dim)
+    scores = torch.bmm(by_kv_head, shared_keys).float() * scale
+    shared_max = scores.amax(-1, keepdim=True)
+    weights = torch.exp(scores - shared_max)
+    shared_sum = weights.sum(-1, keepdim=True)
+    shared_out = torch.bmm(weights, shared_values.float())
+    # [kv_heads, decodes * group, x] -> [decodes, kv_heads, group, x]
+    shared_out, shared_max, shared_sum = (t.view(kv_heads, decodes, group, -1).permute(1, 0, 2, 3)
+                                          for t in (shared_out, shared_max, shared_sum))
+    # Own part: each decode's remaining slots, padded and masked.
+    shape = (*step.decode_slots.shape, *keys.shape[1:])
+    own_keys = keys.index_select(0, step.decode_slots.view(-1)).view(shape).permute(0, 2, 3, 1)  # [d, kv, dim, len]
+    own_values = values.index_select(0, step.decode_slots.view(-1)).view(shape).transpose(1, 2)  # [d, kv, len, dim]
+    scores = torch.matmul(grouped, own_keys).float() * scale  # [decodes, kv_heads, group, len]
+    scores = scores.masked_fill(~step.decode_mask, float("-inf"))
+    own_max = scores.amax(-1, keepdim=True)
+    weights = torch.exp(scores - own_max)
+    own_sum = weights.sum(-1, keepdim=True)
+    own_out = torch.matmul(weights, own_values.float())
+    best = torch.maximum(shared_max, own_max)
+    shared_scale, own_scale = torch.exp(shared_max - best), torch.exp(own_max - best)
+    merged = (shared_out * shared_scale + own_out * own_scale) / (shared_sum * shared_scale + own_sum * own_scale)
+    return merged.reshape(decodes, heads, dim).to(queries.dtype)
 
 
 def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -98,7 +167,13 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     queries = query[0].transpose(0, 1)  # [tokens, heads, dim]
     only_decodes = not step.prefills  # then the decode rows are all the rows, in order: no gather, no scatter
     output = None if only_decodes else torch.empty_like(queries)
-    if step.decode_rows is not None:
+    if step.shared_slots is not None:
+        q = queries if only_decodes else queries[step.decode_rows]
+        attended = cascade_decode_attention(q, keys, values, step, scaling or q.shape[-1] ** -0.5)
+        if only_decodes:
+            return attended[None], None
+        output[step.decode_rows] = attended
+    elif step.decode_rows is not None:
         q = (queries if only_decodes else queries[step.decode_rows])[:, :, None, :]  # [decodes, heads, 1, dim]
         shape = (*step.decode_slots.shape, *keys.shape[1:])  # index_select: about twice as fast as keys[slots]
         k = keys.index_select(0, step.decode_slots.view(-1)).view(shape).transpose(1, 2)  # [decodes, kv_heads, context, dim]

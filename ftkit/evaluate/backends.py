@@ -62,7 +62,7 @@ class LocalBackend:
         self.loaded = load_for_inference(model, list(adapters), template=template, dtype=parse_dtype(dtype, auto=auto),
                                          device=device, options=LoadOptions(trust_remote_code=trust_remote_code))
         self.tokenizer = self.loaded.tokenizer
-        self.engine = LLMEngine.from_inference_model(self.loaded, EngineOptions(max_loras=0))
+        self.engine = LLMEngine.from_inference_model(self.loaded, EngineOptions(max_loras=0, pack_weights=True))
         self.model_name, self.adapters = model, list(adapters)
 
     @property

@@ -78,7 +78,8 @@ def build_state(config: ServeConfig) -> Any:
     options = EngineOptions(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                             max_model_len=config.max_model_len, kv_cache_memory=config.kv_cache_memory,
                             enable_prefix_caching=config.enable_prefix_caching,
-                            scheduling_policy=config.scheduling_policy, max_loras=config.max_loras)
+                            scheduling_policy=config.scheduling_policy, max_loras=config.max_loras,
+                            pack_weights=True)
     engine = LLMEngine.from_inference_model(loaded, options)
     models = ServedModels(config.served_model_name or config.model_name_or_path, source, loaded.tokenizer,
                           template=config.template, trust_remote_code=config.trust_remote_code)
