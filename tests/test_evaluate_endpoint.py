@@ -1,5 +1,6 @@
-"""Endpoint mode against a small OpenAI-compatible test server on loopback (``ftkit serve`` is not there yet),
-and ``--resume`` after a real kill.
+"""Endpoint mode against a real ``ftkit serve`` on loopback (the same raw outputs as evaluating the model
+locally), against a small OpenAI-compatible test server for the failure cases, and ``--resume`` after a
+real kill.
 
 The test server answers ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions``: the right GSM8K
 answer for even items, a wrong one for odd items, each followed by a next "Question:" the client must cut
@@ -100,6 +101,28 @@ def command(url: str, data: Path, output: str, *extra: str) -> list[str]:
 def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     return subprocess.run(args, capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
+
+
+def test_endpoint_mode_against_ftkit_serve_gives_the_local_runs_outputs(tiny_llama_dir, tmp_path):
+    from ftkit.config import ServeConfig
+    from ftkit.serve.app import create_app
+    from ftkit.serve.run import BackgroundServer, build_state
+
+    data = write_gsm8k(tmp_path / "gsm8k", n_test=3)
+    config = ServeConfig(model_name_or_path=str(tiny_llama_dir), served_model_name="tiny", infer_dtype="fp32",
+                         device="cpu")
+    with BackgroundServer(create_app(build_state(config))) as server:
+        remote = run(command(server.url, data, "remote", "--model", "tiny", "--limit", "3"), tmp_path)
+    assert remote.returncode == 0, remote.stderr
+    local = run([sys.executable, "-m", "ftkit.cli", "evaluate", "--model", str(tiny_llama_dir), "--dtype", "fp32",
+                 "--data", str(data), "--num-fewshot", "2", "--limit", "3", "--output", "local"], tmp_path)
+    assert local.returncode == 0, local.stderr
+
+    def rows(folder: str) -> list[tuple]:
+        samples = sorted(read_samples(tmp_path / folder / "samples.jsonl"), key=lambda s: s["doc_id"])
+        return [(s["doc_id"], s["prompt"], s["output"], s["filters"]) for s in samples]
+
+    assert len(rows("remote")) == 3 and rows("remote") == rows("local")
 
 
 def test_endpoint_run_scores_cut_answers_and_retries_5xx(serve, tmp_path):
