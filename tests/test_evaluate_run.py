@@ -101,6 +101,26 @@ def test_own_dataset_loss_is_the_reply_tokens_nll_and_generation_metrics_are_rep
     assert set(results["scores"]["generation"]) >= {"exact_match", "bleu4", "rouge1", "rouge2", "rougeL", "contains"}
 
 
+def test_identity_placeholders_are_filled_and_contains_looks_for_the_given_names(tiny_llama_dir, tmp_path):
+    rows = [{"instruction": "Who are you?", "output": "I am {{name}}, made by {{author}}."}]
+    (tmp_path / "who.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    results = run_evaluation(_config(tmp_path, tiny_llama_dir, str(tmp_path / "who.jsonl"), max_new_tokens=12,
+                                     identity_name="Ember", identity_author="Hearthstone Labs", contains=["Ember"]))
+    sample = read_samples(tmp_path / "out" / "samples.jsonl")[0]
+    assert sample["target"] == "I am Ember, made by Hearthstone Labs."
+    assert sample["scores"]["contains"] == 0.0  # a random model does not say "Ember"
+    assert results["settings"]["identity"] == ["Ember", "Hearthstone Labs"] and results["settings"]["contains"] == ["Ember"]
+    from ftkit.evaluate.backends import Generation
+    from ftkit.evaluate.benchmarks import resolve_benchmark
+
+    benchmark = resolve_benchmark(str(tmp_path / "who.jsonl"), data=None, dataset_dir="data", num_fewshot=None,
+                                  limit=None, chat=False, cutoff_len=64, max_new_tokens=8,
+                                  identity=("Ember", "Hearthstone Labs"), contains=["Ember", "Hearthstone"])
+    benchmark.load()
+    scored = [benchmark.score(Generation(0, text, "p"))["scores"] for text in ("Hi! I'm EMBER.", "I'm SmolLM.")]
+    assert [s["contains"] for s in scored] == [1.0, 0.0] and scored[0]["exact_match"] == 0.0
+
+
 def test_multiple_choice_picks_the_choice_with_the_highest_loglikelihood(tiny_llama_dir, tmp_path):
     rows = [{"question": "2 + 2 =", "choices": ["3", "4", "5"], "answer": 1},
             {"question": "Sky colour?", "choices": ["blue", "green"], "answer": "A"}]

@@ -130,7 +130,14 @@ class ModelSection(Section):
         return value
 
 
-class DataSection(Section):
+class IdentitySection(Section):
+    """What fills the placeholders of identity-style datasets (training them and evaluating on them)."""
+
+    identity_name: str = Field("Ftkit", description="Fills {{name}} in identity-style datasets.")
+    identity_author: str = Field("the ftkit team", description="Fills {{author}} in identity-style datasets.")
+
+
+class DataSection(IdentitySection):
     """Which datasets, how they are rendered, masked, truncated and packed."""
 
     dataset: list[str] = Field(
@@ -160,8 +167,6 @@ class DataSection(Section):
     interleave_probs: list[float] | None = Field(None, description="Sampling weights for interleave strategies.")
     overwrite_cache: bool = Field(False, description="Re-tokenise even when a matching cached copy exists.")
     preprocessing_num_workers: int | None = Field(None, ge=1, description="Worker processes for tokenisation.")
-    identity_name: str = Field("Ftkit", description="Fills {{name}} in identity-style datasets.")
-    identity_author: str = Field("the ftkit team", description="Fills {{author}} in identity-style datasets.")
     replay_ratio: float | None = Field(
         None, ge=0, description="Replay examples mixed in per training example so general behaviour is kept "
         "(default: 0.5 for sft on up to 1,000 examples, else 0; 0 turns replay off)."

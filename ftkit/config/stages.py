@@ -11,7 +11,15 @@ from typing import Literal
 
 from pydantic import Field
 
-from ftkit.config.sections import DataSection, MethodSection, ModelSection, Problem, Section, TrainingSection
+from ftkit.config.sections import (
+    DataSection,
+    IdentitySection,
+    MethodSection,
+    ModelSection,
+    Problem,
+    Section,
+    TrainingSection,
+)
 
 
 def _section_problems(config: Section, sections: tuple[type[Section], ...]) -> list[Problem]:
@@ -102,7 +110,7 @@ class MergeConfig(ModelSection):
         return found
 
 
-class EvaluateConfig(ModelSection):
+class EvaluateConfig(IdentitySection, ModelSection):
     """``ftkit evaluate``: a model (or an endpoint) on GSM8K, the general check or the user's own dataset."""
 
     benchmark: str = Field("gsm8k", description="gsm8k, general, a dataset from dataset_info.json, or a path "
@@ -114,6 +122,8 @@ class EvaluateConfig(ModelSection):
     apply_chat_template: bool = Field(False, description="Prompt through the chat template (few-shot as turns).")
     max_new_tokens: int = Field(256, ge=1, le=32768, description="Longest generated answer (GSM8K: always 256).")
     cutoff_len: int = Field(2048, ge=8, description="Longest encoded example of a dataset benchmark, in tokens.")
+    contains: list[str] | None = Field(None, description="A dataset benchmark's `contains` score: the answer names "
+                                       "any of these (default: the dataset's whole reply).")
     dtype: Literal["auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weights' dtype (auto: fp32 on CPU, so answers agree with lm-eval in fp32).")
     endpoint: str | None = Field(None, description="An OpenAI-compatible server URL (http://127.0.0.1:8000/v1).")

@@ -111,8 +111,11 @@ class GeneralBenchmark:
 
 
 def resolve_benchmark(name: str, *, data: str | None, dataset_dir: str, num_fewshot: int | None, limit: int | None,
-                      chat: bool, cutoff_len: int, max_new_tokens: int) -> Any:
-    """The benchmark ``name`` means: gsm8k, general, a GSM8K folder, or a dataset (registry name or path)."""
+                      chat: bool, cutoff_len: int, max_new_tokens: int, identity: tuple[str, str] | None = None,
+                      contains: list[str] | None = None) -> Any:
+    """The benchmark ``name`` means: gsm8k, general, a GSM8K folder, or a dataset (registry name or path);
+    ``identity`` (name, author) fills an identity dataset's placeholders, ``contains`` is what its answers
+    should name."""
     from ftkit.evaluate.own_data import DatasetBenchmark
 
     fewshot = gsm8k.DEFAULT_NUM_FEWSHOT if num_fewshot is None else num_fewshot
@@ -125,7 +128,7 @@ def resolve_benchmark(name: str, *, data: str | None, dataset_dir: str, num_fews
         return Gsm8kBenchmark(str(path), fewshot, limit, chat)  # LLaMA-Factory's spelling: --benchmark datasets/gsm8k
     if path.exists() or _in_registry(name, dataset_dir):
         return DatasetBenchmark(name, dataset_dir=dataset_dir, limit=limit, cutoff_len=cutoff_len,
-                                max_tokens=max_new_tokens)
+                                max_tokens=max_new_tokens, identity=identity, contains=contains)
     registered = _registered(dataset_dir)
     datasets = f"a dataset of {dataset_dir}/dataset_info.json ({', '.join(registered)})" if registered else \
         "a dataset registered in dataset_info.json (--dataset-dir)"

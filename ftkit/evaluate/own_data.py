@@ -36,6 +36,8 @@ class DatasetBenchmark:
     limit: int | None
     cutoff_len: int
     max_tokens: int
+    identity: tuple[str, str] | None = None  # (name, author) for {{name}} and {{author}}
+    contains: list[str] | None = None  # what ``contains`` looks for (default: the whole reply)
     kind: str = "conversation"
     conversations: list[list[dict[str, str]]] = field(default_factory=list)
     choices: list[dict[str, Any]] = field(default_factory=list)
@@ -57,8 +59,9 @@ class DatasetBenchmark:
             self.kind = "multiple_choice"
             self.choices = [_choice_record(r, i, self.dataset) for i, r in enumerate(records)]
             return
+        identity = dict(zip(("identity_name", "identity_author"), self.identity, strict=True)) if self.identity else {}
         options = DataOptions(dataset=(self.dataset,), dataset_dir=self.dataset_dir, cutoff_len=self.cutoff_len,
-                              max_samples=self.limit)
+                              max_samples=self.limit, **identity)
         self.conversations, _ = read_conversations(spec, options)
         if not self.conversations:
             raise FtkitError(f"Dataset {self.dataset!r} has no usable conversation (a user turn answered by an "
@@ -66,7 +69,8 @@ class DatasetBenchmark:
 
     def settings(self) -> dict[str, Any]:
         return {"benchmark": self.dataset, "dataset_dir": self.dataset_dir, "kind": self.kind, "limit": self.limit,
-                "cutoff_len": self.cutoff_len, "max_new_tokens": self.max_tokens}
+                "cutoff_len": self.cutoff_len, "max_new_tokens": self.max_tokens,
+                "identity": list(self.identity) if self.identity else None, "contains": self.contains}
 
     def stop(self) -> list[str]:
         return []
@@ -100,11 +104,14 @@ class DatasetBenchmark:
         return [PromptRequest(key, messages=c[:-1]) for key, c in enumerate(self.conversations)]
 
     def score(self, generation: Generation) -> dict[str, Any]:
-        from ftkit.evaluate.metrics import generation_scores
+        from ftkit.evaluate.metrics import contains, generation_scores
 
         reference = self.conversations[generation.key][-1]["content"]
+        scores = generation_scores(generation.text, reference)
+        if self.contains:
+            scores["contains"] = contains(generation.text, self.contains)
         sample = {"doc_id": generation.key, "prompt": generation.prompt, "output": generation.text,
-                  "target": reference, "scores": generation_scores(generation.text, reference)}
+                  "target": reference, "scores": scores}
         if generation.key in self.nll:
             sample["nll"], sample["reply_tokens"] = self.nll[generation.key]
         return sample

@@ -34,7 +34,8 @@ def run_evaluation(config: EvaluateConfig, console: Console | None = None) -> di
     benchmark = resolve_benchmark(config.benchmark, data=config.data, dataset_dir=config.dataset_dir,
                                   num_fewshot=config.num_fewshot, limit=config.limit,
                                   chat=config.apply_chat_template, cutoff_len=config.cutoff_len,
-                                  max_new_tokens=config.max_new_tokens)
+                                  max_new_tokens=config.max_new_tokens,
+                                  identity=(config.identity_name, config.identity_author), contains=config.contains)
     outputs = OutputFiles.at(config.output, config.output_file, default_dir=f"saves/evaluate/{_slug(benchmark.name)}")
     outputs.check(overwrite=config.overwrite, resume=config.resume)
     benchmark.load()
