@@ -74,7 +74,7 @@ CASES = [
     BadInput("replay-source-unknown-in-preview", ["data", "preview", "cfg.yaml", "replay_source=nothere",
                                                   "finetuning_type=full"],
              ["command line", "replay_source 'nothere'"], files=cfg()),
-    BadInput("quantize-not-implemented", ["quantize"], ["`ftkit quantize` is not implemented", "; it is planned."]),
+    BadInput("quantize-without-config-or-flags", ["quantize"], ["ftkit quantize CONFIG.yaml", "--method"]),
     BadInput("yaml-merge-key-lines", ["validate", "cfg.yaml"],
              ["cfg.yaml:4: lora_rnak: unknown key", "cfg.yaml:4: learning_rate"],
              files=cfg("<<: {lora_rnak: 8, learning_rate: 5}")),

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftkit import __version__
 from ftkit.config import MergeConfig, TrainConfig, dump_resolved_config, load_stage_config, parse_overrides
 from ftkit.config.loading import read_yaml_mapping
 from ftkit.errors import FtkitError
@@ -436,14 +435,14 @@ def test_cli_missing_config_file_is_one_line(tmp_path):
     ]
 
 
-@pytest.mark.parametrize("command", ["quantize"])
-def test_cli_unimplemented_stage_says_so_in_one_line(command):
-    result = ftkit(command)
+def test_cli_quantize_without_config_or_flags_says_what_to_pass():
+    result = ftkit("quantize")
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.splitlines() == [
-        f"error: `ftkit {command}` is not implemented yet in ftkit {__version__}; it is planned."
-    ]  # no pointer to a roadmap the README does not have
+        "error: Pass a quantize config (ftkit quantize CONFIG.yaml) or flags, e.g. ftkit quantize --model MODEL "
+        "--method int8 --out DIR."
+    ]
 
 
 @pytest.mark.parametrize(

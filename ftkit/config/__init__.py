@@ -7,7 +7,14 @@ from ftkit.config.loading import (
     load_stage_config,
     parse_overrides,
 )
-from ftkit.config.stages import STAGE_SCHEMAS, EvaluateConfig, MergeConfig, ServeConfig, TrainConfig
+from ftkit.config.stages import (
+    STAGE_SCHEMAS,
+    EvaluateConfig,
+    MergeConfig,
+    QuantizeConfig,
+    ServeConfig,
+    TrainConfig,
+)
 
 __all__ = [
     "STAGE_SCHEMAS",
@@ -15,6 +22,7 @@ __all__ = [
     "EvaluateConfig",
     "LoadedConfig",
     "MergeConfig",
+    "QuantizeConfig",
     "ServeConfig",
     "TrainConfig",
     "dump_resolved_config",

@@ -453,6 +453,8 @@ KEY_ALIASES: dict[str, str] = {
     # TRL's SFTConfig names
     "max_seq_length": "cutoff_len",
     "dataset_num_proc": "preprocessing_num_workers",
+    # the quantization seed's name for the modules kept in high precision (ftkit quantize)
+    "modules_to_keep_fp16": "exclude_modules",
 }
 
 

@@ -1,15 +1,15 @@
 """One schema per stage, each the union of the sections it needs, plus the rules that span sections.
 
 ``TrainConfig`` serves ``ftkit train``, ``ftkit data preview`` and ``ftkit validate``; ``MergeConfig``
-serves ``ftkit merge-lora``; ``EvaluateConfig`` serves ``ftkit evaluate``. Serve and quantize will reuse
-``ModelSection`` the same way.
+serves ``ftkit merge-lora``; ``EvaluateConfig``, ``ServeConfig`` and ``QuantizeConfig`` serve ``ftkit evaluate``,
+``ftkit serve`` and ``ftkit quantize``, each on ``ModelSection``.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ftkit.config.sections import (
     DataSection,
@@ -19,6 +19,7 @@ from ftkit.config.sections import (
     Problem,
     Section,
     TrainingSection,
+    split_names,
 )
 
 
@@ -223,5 +224,87 @@ class ServeConfig(ModelSection):
         return found
 
 
+QUANTIZE_METHODS: dict[str, str] = {
+    "int8": "int8 weights, per output channel (torchao Int8WeightOnlyConfig)",
+    "int8-dynamic": "int8 weights, activations quantized per token at run time (torchao)",
+    "int8-static": "int8 weights and activations, activation scales calibrated on calibration_dataset (torchao)",
+    "int4": "4-bit weights in groups of group_size (torchao Int4WeightOnlyConfig; CUDA only in torchao 0.18)",
+    "bnb-int8": "bitsandbytes LLM.int8() weights",
+    "bnb-nf4": "bitsandbytes 4-bit NormalFloat weights",
+    "bnb-fp4": "bitsandbytes 4-bit float weights",
+    "gptq": "GPTQ 4-bit with calibration (gptqmodel, CUDA)",
+    "awq": "AWQ 4-bit with calibration (autoawq, CUDA)",
+    "gguf": "a GGUF file for llama.cpp and Ollama (gguf_type: f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, ...)",
+}
+"""``ftkit quantize`` methods and what each writes (``ftkit.quantize.methods`` owns how)."""
+
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+"""GGUF tensor types the ``gguf`` package can write in pure Python (k-quants need llama.cpp's quantizer)."""
+
+_CALIBRATED = ("int8-static", "gptq", "awq")
+_GROUPED = ("int4", "gptq", "awq")
+MIN_CALIBRATION_SAMPLES = 32
+
+
+class QuantizeConfig(ModelSection):
+    """``ftkit quantize``: merge adapters (fp32), quantize or export to GGUF, then measure against the original."""
+
+    method: str = Field(..., description="One of: " + ", ".join(QUANTIZE_METHODS) + ".")
+    export_dir: str = Field(..., description="Where the quantized model (or GGUF file) and quantize_report.json go.")
+    gguf_type: str = Field("q8_0", description="GGUF tensor type for method gguf: " + ", ".join(GGUF_TYPES) + ".")
+    group_size: int | None = Field(None, ge=1, description="Weights per quantization group (int4: default 64; "
+                                   "must divide every quantized layer's input width).")
+    exclude_modules: list[str] = Field(default_factory=lambda: ["lm_head", "embed_tokens"], description="Modules "
+                                       "kept in high precision (module names or their last part); the output head "
+                                       "and embeddings by default.")
+    per_channel: bool = Field(True, description="int8 methods: one weight scale per output channel (false: one "
+                              "per tensor).")
+    calibration_dataset: str = Field("general", description="Calibration text for int8-static/gptq/awq: 'general' "
+                                     "(ftkit's 320 shipped prompts), a dataset from dataset_info.json, or a "
+                                     ".txt/.json/.jsonl file.")
+    calibration_samples: int = Field(256, ge=1, description="Calibration samples (at least "
+                                     f"{MIN_CALIBRATION_SAMPLES}; 500-1,000 for a real model when the data has them).")
+    calibration_batch_size: int = Field(8, ge=1, le=1024, description="Calibration samples per forward pass.")
+    calibration_max_length: int = Field(256, ge=8, le=32768, description="Longest calibration sample, in tokens.")
+    dataset_dir: str = Field("data", description="Folder holding dataset_info.json (for calibration_dataset).")
+    eval_data: str | None = Field(None, description="Held-out text for perplexity and agreement (.txt or .jsonl; "
+                                  "default: a text shipped with ftkit).")
+    eval_max_tokens: int = Field(512, ge=16, le=65536, description="Tokens of eval_data scored.")
+    bench_new_tokens: int = Field(32, ge=1, le=4096, description="Tokens generated per prompt when timing "
+                                  "single-stream generation.")
+    export_dtype: Literal["auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Dtype of the weights left unquantized and of the activations (auto: bf16 where the "
+        "CPU is fast at it, else fp32).")
+    report: bool = Field(True, description="Measure the output against the original and write quantize_report.json.")
+    overwrite: bool = Field(False, description="Replace an existing non-empty export_dir.")
+    ollama_modelfile: bool = Field(True, description="Write an Ollama Modelfile beside a GGUF file.")
+
+    _split_excluded = field_validator("exclude_modules", mode="before")(split_names)
+
+    def problems(self) -> list[Problem]:
+        found = ModelSection.problems(self)
+        if self.method not in QUANTIZE_METHODS:
+            found.append(("method", f"method {self.method!r} is not a quantization method; use one of "
+                          f"{', '.join(QUANTIZE_METHODS)}."))
+            return found
+        if self.quantization_bit is not None:
+            found.append(("quantization_bit", "quantization_bit loads the base in 4/8 bits; ftkit quantize starts "
+                          "from full-precision weights: remove it and choose method instead."))
+        if self.method == "gguf" and self.gguf_type not in GGUF_TYPES:
+            found.append(("gguf_type", f"gguf_type {self.gguf_type!r} is not one the gguf package can write; use "
+                          f"one of {', '.join(GGUF_TYPES)}."))
+        if self.group_size is not None and self.method not in _GROUPED:
+            found.append(("group_size", f"group_size applies to {', '.join(_GROUPED)} (4-bit groups), not method "
+                          f"{self.method}; remove it."))
+        if self.method in _CALIBRATED and self.calibration_samples < MIN_CALIBRATION_SAMPLES:
+            found.append(("calibration_samples", f"calibration_samples {self.calibration_samples} is too few to "
+                          f"calibrate activation scales (they would fit a handful of prompts); use at least "
+                          f"{MIN_CALIBRATION_SAMPLES} (500-1,000 recommended)."))
+        if not self.per_channel and self.method not in ("int8", "int8-dynamic", "int8-static"):
+            found.append(("per_channel", f"per_channel false applies to the torchao int8 methods, not {self.method}."))
+        return found
+
+
 STAGE_SCHEMAS: dict[str, type[Section]] = {"train": TrainConfig, "merge-lora": MergeConfig,
-                                           "evaluate": EvaluateConfig, "serve": ServeConfig}
+                                           "evaluate": EvaluateConfig, "serve": ServeConfig,
+                                           "quantize": QuantizeConfig}

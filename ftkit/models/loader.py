@@ -210,6 +210,8 @@ def load_model(
         kwargs["device_map"] = {"": str(target)}
     elif device is not None and device.type != "cpu":
         kwargs["device_map"] = {"": str(device)}
+    if _is_torchao_static_int8(source):
+        return _load_torchao_static_int8(source, dtype)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(str(source.path), output_loading_info=True, **kwargs)
     except _LOAD_ERRORS as error:
@@ -230,6 +232,49 @@ def load_model(
             "checkpoint is incomplete or saved for another architecture: re-download or re-save it."
         )
     return model
+
+
+def _is_torchao_static_int8(source: ModelSource) -> bool:
+    """A checkpoint ``ftkit quantize --method int8-static`` wrote (torchao int8 weights + calibrated activation scale)."""
+    if source.gguf_file:
+        return False
+    try:
+        quantization = json.loads((source.path / "config.json").read_text(encoding="utf-8")).get("quantization_config")
+        return quantization["quant_type"]["default"]["_type"] == "Int8StaticActivationInt8WeightConfig"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def _load_torchao_static_int8(source: ModelSource, dtype: torch.dtype) -> PreTrainedModel:
+    """Load a torchao int8-static checkpoint with torchao's own deserializer.
+
+    transformers 5.24 rebuilds torchao tensors from a fixed list of parts that lacks the activation scale
+    of ``Int8StaticActivationInt8WeightConfig`` (``_weight_act_quant_scale``) and refuses the checkpoint, so the
+    model is built from its config and the tensors are rebuilt by ``unflatten_tensor_state_dict``.
+    """
+    from safetensors import safe_open
+    from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(source.path))
+    quantization = config.quantization_config
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state: dict[str, torch.Tensor] = {}
+    for path in sorted(source.path.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as handle:
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
+            rebuilt, leftover = unflatten_tensor_state_dict(tensors, handle.metadata())
+        state.update(rebuilt)
+        state.update(leftover)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [name for name in missing if name not in ("lm_head.weight",) or not config.tie_word_embeddings]
+    if missing or unexpected:
+        raise FtkitError(f"The int8-static checkpoint {source.path} does not match its config.json ({len(missing)} "
+                         f"weights missing, {len(unexpected)} unexpected); write it again with ftkit quantize.")
+    model.tie_weights()
+    model.config.quantization_config = quantization
+    return model.eval()
 
 
 def _checked_attention(requested: str, device: torch.device | None) -> str | None:
