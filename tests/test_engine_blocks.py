@@ -107,6 +107,16 @@ def test_freed_cached_blocks_are_reused_by_a_hit_and_evicted_least_recently_used
     assert pool.num_evictions >= 1
 
 
+def test_a_freed_block_without_a_hash_is_reused_before_a_never_used_one():
+    pool = BlockPool(8)
+    first, second = pool.allocate(2)
+    pool.cache_full_block(first, hash_block_tokens(None, [1, 2], None))
+    pool.free([second, first])
+    assert pool.allocate(1)[0] is second  # hashless: reused at once, no cached content lost
+    assert pool.allocate(1)[0].block_id == 2  # then never-used blocks, and the cached one is kept longest
+    assert pool.cached_block(hash_block_tokens(None, [1, 2], None)) is first
+
+
 def test_allocation_that_does_not_fit_changes_nothing():
     pool = BlockPool(2)
     manager = KVCacheManager(pool, block_size=2)

@@ -9,6 +9,9 @@ blocks but neither shares them between requests nor keeps freed blocks for reuse
   so a later request with the same prefix finds it (``cached_block``) and shares it (``touch``).
 - A freed block keeps its hash and K/V while it waits in the free queue: a cache hit takes it back out.
   ``allocate`` takes the least-recently freed block first, and only then forgets its hash (LRU eviction).
+- A freed block without a hash (a partial block, or any block with caching off) holds nothing anyone can
+  find, so it goes to the *front* of the queue and is reused before a never-used block: on CPU the cache
+  tensors are allocated untouched, and a block's pages cost memory only once written.
 """
 
 from __future__ import annotations
@@ -96,6 +99,8 @@ class BlockPool:
                 raise RuntimeError(f"block {block.block_id} freed more often than taken")
             if block.ref_count == 0:
                 self._free[block.block_id] = block
+                if block.block_hash is None:
+                    self._free.move_to_end(block.block_id, last=False)
 
     def cached_block(self, block_hash: bytes) -> KVBlock | None:
         """The block holding the content ``block_hash`` names, if it is still cached."""
