@@ -117,12 +117,16 @@ def test_adapter_is_merged_in_fp32_before_quantizing(tiny_llama_dir, tmp_path):
 
 @pytest.mark.parametrize("gguf_type", ["q8_0", "q4_0", "f16"])
 def test_gguf_file_has_llama_metadata_tokenizer_template_and_tensors(tiny_llama_dir, tmp_path, gguf_type):
+    """q8_0 is measured and read back through ftkit's loader (transformers' GGUF loading, as chat, serve and
+    evaluate load it); the other types check the file itself (reading a GGUF tokenizer back takes ~10 s)."""
     import gguf
     from transformers import AutoTokenizer
 
     out = tmp_path / "out"
-    report = quantize(tiny_llama_dir, out, "gguf", gguf_type=gguf_type).report
-    check_report(out, "gguf")
+    full = gguf_type == "q8_0"
+    report = quantize(tiny_llama_dir, out, "gguf", gguf_type=gguf_type, report=full).report
+    if full:
+        check_report(out, "gguf")
     path = out / f"model-{gguf_type}.gguf"
     reader = gguf.GGUFReader(str(path))
     fields = {name: field.contents() for name, field in reader.fields.items()
@@ -147,9 +151,9 @@ def test_gguf_file_has_llama_metadata_tokenizer_template_and_tensors(tiny_llama_
     assert types["blk.0.attn_q.weight"] == gguf_type.upper()
     modelfile = (out / "Modelfile").read_text()
     assert f"FROM ./model-{gguf_type}.gguf" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
-    if gguf_type == "q8_0":
+    if full:
         assert report["quantized"]["top1_agreement"] >= 0.98
-    assert len(generates(out)) == 3
+        assert len(generates(out)) == 3
 
 
 @pytest.mark.slow

@@ -275,7 +275,8 @@ class QuantizeConfig(ModelSection):
     export_dtype: Literal["auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Dtype of the weights left unquantized and of the activations (auto: bf16 where the "
         "CPU is fast at it, else fp32).")
-    report: bool = Field(True, description="Measure the output against the original and write quantize_report.json.")
+    report: bool = Field(True, description="Measure the output against the original (false: write the output, "
+                         "with a report of sizes only, without loading it back).")
     overwrite: bool = Field(False, description="Replace an existing non-empty export_dir.")
     ollama_modelfile: bool = Field(True, description="Write an Ollama Modelfile beside a GGUF file.")
 

@@ -131,11 +131,14 @@ def _quantize_into(staging: Path, config: QuantizeConfig, source: Any, adapter_d
     def load_output() -> Any:
         return load_for_inference(output_source, dtype=output_dtype, device=device, tokenizer=tokenizer).model
 
-    _say(f"{label}: written" + (", loading it back to measure" if config.report else ", loading it back"))
-    output_measure, _, output = _measure_or_load(config, load_output, tokenizer, chunks, prompts, original_scores)
-    kept = _high_precision_modules(output)
-    del output
-    release_freed_memory()
+    output_measure, kept = None, []
+    if config.report:  # report: false writes the output without loading it back
+        _say(f"{label}: written, loading it back to measure")
+        output_measure, _, output = measure(load_output, tokenizer, chunks, prompts, config.bench_new_tokens,
+                                            original_scores)
+        kept = _high_precision_modules(output)
+        del output
+        release_freed_memory()
 
     files = file_sizes(staging)
     original_entry = model_entry("original (fp32)", original_size, original_measure)
@@ -182,8 +185,9 @@ def _write_output(staging: Path, config: QuantizeConfig, model: Any, tokenizer: 
         counts = gguf_file.write_gguf(model, tokenizer, staging / name, config.gguf_type, excluded=excluded,
                                       name=Path(str(config.model_name_or_path)).name)
         _write_modelfile(staging, tokenizer, name, config)
-        notes = [f"GGUF tensor types: {counts}", "measured through transformers' GGUF loading, which dequantises "
-                 "the file to fp32: its speed and memory are those of fp32 weights, not of llama.cpp"]
+        notes = [f"GGUF tensor types: {counts}", "measured as ftkit chat, serve and evaluate load it: through "
+                 "transformers' GGUF loading, which dequantises the file to fp32, so its speed and memory are those "
+                 "of fp32 weights, not llama.cpp's"]
         return f"gguf {config.gguf_type}", torch.float32, [f"{k}: {v}" for k, v in counts.items()], notes
     if method == "int4":
         check_group_size(model, config.group_size or DEFAULT_GROUP_SIZE, excluded)
