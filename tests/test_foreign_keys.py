@@ -552,9 +552,9 @@ def test_a_refused_value_is_an_error_naming_the_key_and_line(tmp_path):
 
 def test_a_refused_value_from_the_command_line_is_an_error_too(tmp_path):
     path = write_config(tmp_path, MINIMAL_TRAIN)
-    error = load_error(TrainConfig, path, ["pissa_init=true", "rope_scaling=yarn"])
+    error = load_error(TrainConfig, path, ["use_llama_pro=true", "rope_scaling=yarn"])
     assert error.problems == [
-        f"command line: pissa_init: True is not supported: {FOREIGN_KEYS['pissa_init'].note}",
+        f"command line: use_llama_pro: True is not supported: {FOREIGN_KEYS['use_llama_pro'].note}",
         f"command line: rope_scaling: 'yarn' is not supported: {FOREIGN_KEYS['rope_scaling'].note}",
     ]
 

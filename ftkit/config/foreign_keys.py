@@ -223,11 +223,7 @@ FOREIGN_KEYS: dict[str, ForeignKey] = {
     ),
     "data_shared_file_system": _ignored("ignored: ftkit tokenises in a single process, so there is no shared cache to coordinate.", False),
     # ---- LLaMA-Factory finetuning_args.py: LoraArguments --------------------------------------------
-    "loraplus_lr_ratio": _refused("ftkit trains every LoRA weight at learning_rate; LoRA+ (a higher rate for B) is not supported."),
-    "loraplus_lr_embedding": _ignored("ignored: only used with loraplus_lr_ratio, which ftkit does not support.", 1e-6),
-    "pissa_init": _refused("ftkit initialises LoRA the standard way (B = 0); PiSSA initialisation is not supported.", False),
-    "pissa_iter": _ignored("ignored: only used with pissa_init, which ftkit does not support.", 16),
-    "pissa_convert": _ignored("ignored: only used with pissa_init, which ftkit does not support.", False),
+    # loraplus_lr_ratio, loraplus_lr_embedding, pissa_init, pissa_iter, pissa_convert are MethodSection fields
     "create_new_adapter": _refused(
         "with adapter_name_or_path ftkit keeps training that adapter; to start a new one on top, merge it first (ftkit merge-lora).",
         False,
@@ -453,6 +449,8 @@ KEY_ALIASES: dict[str, str] = {
     # TRL's SFTConfig names
     "max_seq_length": "cutoff_len",
     "dataset_num_proc": "preprocessing_num_workers",
+    # AdaLoRA's switch in scripts written for peft (LLaMA-Factory has none)
+    "use_adalora": "adaptive_rank",
     # the quantization seed's name for the modules kept in high precision (ftkit quantize)
     "modules_to_keep_fp16": "exclude_modules",
 }

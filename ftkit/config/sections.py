@@ -252,6 +252,41 @@ class MethodSection(Section):
         None, description="true: never checkpoint activations; false: always; unset: checkpoint only when the "
         "largest batch's activations would take more than a fifth of free memory (ftkit prints the estimate)."
     )
+    adaptive_rank: bool = Field(
+        False, description="lora: train peft's AdaLoRA, which prunes each module's rank from init_r towards an "
+        "average of target_r by importance (use_adalora is read as this key)."
+    )
+    init_r: int | None = Field(None, ge=1, le=1024, description="adaptive_rank: every module's starting rank "
+                               "(default: 1.5 x target_r, rounded up).")
+    target_r: int | None = Field(None, ge=1, le=1024, description="adaptive_rank: the average rank left at the end "
+                                 "(default: lora_rank).")
+    tinit: int | None = Field(None, ge=0, description="adaptive_rank: steps trained at init_r before pruning starts "
+                              "(default: a tenth of the run's steps).")
+    tfinal: int | None = Field(None, ge=0, description="adaptive_rank: last steps trained at the final ranks "
+                               "(default: a fifth of the run's steps).")
+    deltaT: int | None = Field(None, ge=1, description="adaptive_rank: steps between two rank reallocations "
+                               "(default: a hundredth of the run's steps, at least 1).")
+    orth_reg_weight: float = Field(0.5, ge=0.0, description="adaptive_rank: weight of AdaLoRA's orthogonality "
+                                   "penalty on A and B, added to the loss.")
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0, le=1e6, description="LoRA+: B matrices train at this multiple of learning_rate (A at "
+        "learning_rate); the paper suggests 16."
+    )
+    loraplus_lr_embedding: float = Field(
+        1e-6, gt=0, le=1.0, description="LoRA+: learning rate of LoRA weights on embedding layers."
+    )
+    pissa_init: bool = Field(
+        False, description="Initialise LoRA from the principal singular values and vectors of each weight (PiSSA); "
+        "the base keeps the residual, so the model's output is unchanged at step 0."
+    )
+    pissa_iter: int = Field(
+        16, ge=-1, description="pissa_init: subspace iterations of the fast randomised SVD (-1: exact SVD)."
+    )
+    pissa_convert: bool = Field(
+        True, description="pissa_init: save the final adapter converted to a plain LoRA of the original base "
+        "(rank 2 x lora_rank), so any copy of the base loads it; false keeps PiSSA form. Default true, unlike "
+        "LLaMA-Factory, because only the converted adapter loads correctly everywhere."
+    )
 
     _split_lists = field_validator(
         "lora_target", "additional_target", "freeze_trainable_modules", "freeze_extra_modules", mode="before"
@@ -274,9 +309,44 @@ class MethodSection(Section):
                 and self.gradient_checkpointing == self.disable_gradient_checkpointing):
             found.append(("disable_gradient_checkpointing", "gradient_checkpointing and disable_gradient_checkpointing "
                           "contradict each other; keep one of them."))
+        found.extend(self._lora_variant_problems())
         if self.freeze_trainable_layers == 0:
             found.append(("freeze_trainable_layers", "freeze_trainable_layers must not be 0: give the number of last "
                           "layers to train (or a negative number for the first layers)."))
+        return found
+
+    @property
+    def adalora_target_r(self) -> int:
+        return self.target_r if self.target_r is not None else self.lora_rank
+
+    @property
+    def adalora_init_r(self) -> int:
+        return self.init_r if self.init_r is not None else -(-3 * self.adalora_target_r // 2)
+
+    def _lora_variant_problems(self) -> list[Problem]:
+        """AdaLoRA, LoRA+ and PiSSA keys: only with LoRA, and not with what peft cannot combine them with."""
+        found: list[Problem] = []
+        lora = self.finetuning_type in ("lora", "qlora")
+        variants = [("adaptive_rank", self.adaptive_rank), ("pissa_init", self.pissa_init),
+                    ("loraplus_lr_ratio", self.loraplus_lr_ratio is not None)]
+        for key, on in variants:
+            if on and not lora:
+                found.append((key, f"{key} only applies to LoRA; set finetuning_type lora or remove {key}."))
+        adalora_keys = [key for key in ("init_r", "target_r", "tinit", "tfinal", "deltaT", "orth_reg_weight")
+                        if getattr(self, key) != MethodSection.model_fields[key].default]
+        if adalora_keys and not self.adaptive_rank:
+            found.append((adalora_keys[0], f"{adalora_keys[0]} only applies with adaptive_rank: true (AdaLoRA); "
+                          "set it or remove the key."))
+        if self.adaptive_rank:
+            if self.adalora_target_r > self.adalora_init_r:
+                found.append(("target_r", f"target_r {self.adalora_target_r} must not exceed init_r "
+                              f"{self.adalora_init_r}: AdaLoRA only prunes ranks."))
+            for key in ("use_dora", "use_rslora", "pissa_init"):
+                if getattr(self, key):
+                    found.append((key, f"{key} cannot be combined with adaptive_rank: peft's AdaLoRA has its own "
+                                  "initialisation and scaling; remove one of them."))
+        if self.pissa_init and self.use_dora:
+            found.append(("pissa_init", "pissa_init cannot be combined with use_dora; remove one of them."))
         return found
 
 
@@ -354,12 +424,25 @@ class TrainingSection(Section):
         1800, ge=1, le=MAX_DDP_TIMEOUT, description="Seconds before a multi-process collective times out (at most "
         "what a Python timedelta holds, about 2.7 million years: transformers makes one of it)."
     )
+    callbacks: list[str] = Field(
+        default_factory=list, description="Your own transformers.TrainerCallback classes, as 'package.module:Class' "
+        "(comma-separated for several); each is created without arguments and added to the Trainer."
+    )
     do_train: bool = Field(True, description="Accepted for LLaMA-Factory configs; `ftkit train` always trains.")
     extra_training_args: dict[str, Any] = Field(
         default_factory=dict, description="Other transformers.TrainingArguments keys, passed through unchanged."
     )
 
-    _split_report = field_validator("report_to", mode="before")(split_names)
+    _split_report = field_validator("report_to", "callbacks", mode="before")(split_names)
+
+    @field_validator("callbacks")
+    @classmethod
+    def _callback_paths(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            module, _, name = entry.partition(":")
+            if not module or not name or not all(part.isidentifier() for part in [*module.split("."), name]):
+                raise ValueError(f"callbacks entry '{entry}' must be 'package.module:ClassName'")
+        return value
     _strategy_no = field_validator("save_strategy", "eval_strategy", mode="before")(yaml11_no)
 
     def problems(self) -> list[Problem]:

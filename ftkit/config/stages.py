@@ -82,6 +82,17 @@ class TrainConfig(TrainingSection, MethodSection, DataSection, ModelSection):
         if self.eval_strategy in ("steps", "epoch") and not self.val_size and not self.eval_dataset:
             found.append(("eval_strategy", f"eval_strategy {self.eval_strategy} needs an evaluation set: set "
                           "val_size (e.g. 0.1) or eval_dataset, or remove eval_strategy."))
+        if self.pissa_init and self.quantization_bits is not None:
+            found.append(("pissa_init", f"pissa_init cannot be used on a {self.quantization_bits}-bit base: PiSSA "
+                          "moves the principal part of each weight into the adapter and leaves the residual in the "
+                          "base, which peft cannot do to quantized weights; use finetuning_type lora without "
+                          "quantization_bit, or remove pissa_init."))
+        new_adapter_keys = [key for key, on in (("adaptive_rank", self.adaptive_rank), ("pissa_init", self.pissa_init))
+                            if on]
+        if self.adapter_name_or_path and new_adapter_keys:
+            found.append((new_adapter_keys[0], f"{new_adapter_keys[0]} sets up a new adapter, but "
+                          "adapter_name_or_path continues an existing one; remove one of them (merge the old "
+                          "adapter first with ftkit merge-lora to start a new one on top)."))
         if self.adapter_name_or_path and not self.uses_lora:
             found.append(("adapter_name_or_path", "adapter_name_or_path continues LoRA training and needs "
                           f"finetuning_type lora, not {self.finetuning_type}; merge the adapter first "

@@ -14,6 +14,7 @@ from torch import nn
 
 from ftkit.errors import FtkitError
 from ftkit.models.loader import sync_special_tokens
+from ftkit.models.lora_variants import AdaLoraSchedule, adalora_schedule, lora_init_weights
 from ftkit.models.parameters import is_quantized, upcast_trainable
 from ftkit.models.saved_adapters import load_adapters
 from ftkit.models.source import adapter_dirs_from_config
@@ -70,9 +71,14 @@ def apply_lora(
     modules_to_save: list[str] | None = None,
     quantized: bool = False,
     gradient_checkpointing: bool = True,
+    init_lora_weights: bool | str = True,
+    adaptive: AdaLoraSchedule | None = None,
 ) -> PeftModel:
-    """Wrap ``model`` in a new trainable LoRA (QLoRA when ``quantized``); adapter weights are fp32."""
-    from peft import LoraConfig, get_peft_model
+    """Wrap ``model`` in a new trainable LoRA (QLoRA when ``quantized``); adapter weights are fp32.
+
+    ``init_lora_weights`` is peft's (``"pissa"`` moves each weight's principal part into the adapter);
+    ``adaptive`` makes it an AdaLoRA whose ranks follow that schedule (``rank`` is then unused)."""
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
     _prepare_base_for_adapters(model, quantized=quantized, gradient_checkpointing=gradient_checkpointing)
     saved = list(modules_to_save or [])
@@ -86,17 +92,19 @@ def apply_lora(
             )
     embedding_names = _output_head_names(model) | _input_embedding_names(model)
     tied = bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
-    config = LoraConfig(
+    common = dict(
         task_type="CAUSAL_LM",
-        r=rank,
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=targets,
-        use_rslora=use_rslora,
-        use_dora=use_dora,
         modules_to_save=saved or None,
         ensure_weight_tying=tied and any(name in embedding_names for name in saved),
     )
+    if adaptive is not None:
+        config = AdaLoraConfig(**common, **adaptive.peft_kwargs())
+    else:
+        config = LoraConfig(**common, r=rank, use_rslora=use_rslora, use_dora=use_dora,
+                            init_lora_weights=init_lora_weights)
     peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
     upcast_trainable(peft_model)
     return peft_model
@@ -206,11 +214,13 @@ def prepare_model_for_training(
     *,
     tokenizer: PreTrainedTokenizerBase | None = None,
     gradient_checkpointing: bool | None = None,
+    total_steps: int | None = None,
 ) -> PreTrainedModel | PeftModel:
     """Set up ``model`` for ``config.finetuning_type``: LoRA/QLoRA (new, or continuing the configured
     adapters), freeze, or full; with gradient checkpointing when ``gradient_checkpointing`` (default: unless
     the config disables it). With ``tokenizer``, the model's pad/stop ids and embedding rows are first
-    synced to it (``sync_special_tokens``)."""
+    synced to it (``sync_special_tokens``). ``total_steps`` (the run's optimizer steps) sizes AdaLoRA's schedule
+    (adaptive_rank)."""
     if tokenizer is not None:
         sync_special_tokens(model, tokenizer)
     checkpointing = gradient_checkpointing if gradient_checkpointing is not None else (
@@ -232,6 +242,8 @@ def prepare_model_for_training(
             modules_to_save=saved,
             quantized=quantized,
             gradient_checkpointing=checkpointing,
+            init_lora_weights=lora_init_weights(config),
+            adaptive=adalora_schedule(config, total_steps or 1) if config.adaptive_rank else None,
         )
     if config.finetuning_type == "freeze":
         model = apply_freeze(

@@ -24,7 +24,9 @@ if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedModel
 
-_LORA_KEY_MARKERS = (".lora_A.", ".lora_B.", ".lora_magnitude_vector", ".lora_embedding_A", ".lora_embedding_B")
+_LORA_KEY_MARKERS = (".lora_A.", ".lora_B.", ".lora_E.", ".lora_magnitude_vector", ".lora_embedding_A",
+                     ".lora_embedding_B")
+_ADALORA_KEY_ENDINGS = (".lora_A", ".lora_B", ".lora_E")  # AdaLoRA saves bare parameters, without ".weight"
 # Layers whose input (lora_A's width) or output (lora_B's height) is the model's hidden size.
 _READS_HIDDEN = {"q_proj", "k_proj", "v_proj", "qkv_proj", "gate_proj", "up_proj", "gate_up_proj", "query_key_value",
                  "c_attn", "W_pack", "c_fc", "fc1", "query", "key", "value", "Wqkv"}
@@ -160,6 +162,7 @@ def _adapter_tensor_shapes(adapter_dir: Path) -> dict[str, list[int]]:
 
 def _shape_problem(key: str, shape: tuple[int, ...], modules: dict[str, nn.Module], params: dict[str, nn.Parameter]) -> str | None:
     """What does not fit between one saved adapter tensor and the base model (None when it fits)."""
+    key = _with_marker_dot(key)
     marker = next((m for m in _LORA_KEY_MARKERS if m in key), None)
     if marker is None:  # a modules_to_save copy or a resized embedding: a plain base parameter
         param = params.get(key)
@@ -182,6 +185,11 @@ def _shape_problem(key: str, shape: tuple[int, ...], modules: dict[str, nn.Modul
     return None
 
 
+def _with_marker_dot(key: str) -> str:
+    """AdaLoRA's ``....q_proj.lora_A`` as LoRA's ``....q_proj.lora_A.`` (``.weight`` follows in LoRA)."""
+    return key + "." if key.endswith(_ADALORA_KEY_ENDINGS) else key
+
+
 def _saved_shapes(adapter_dir: Path) -> dict[str, tuple[int, ...]]:
     """Shapes of the adapter's saved tensors, keyed by the base model's parameter names."""
     return {key.removeprefix("base_model.model."): tuple(shape) for key, shape in _adapter_tensor_shapes(adapter_dir).items()}
@@ -202,6 +210,7 @@ def _grow_embeddings_for_adapter(model: nn.Module, shapes: dict[str, tuple[int, 
 
 def _rank_problem(key: str, shape: tuple[int, ...], modules: dict[str, nn.Module]) -> str | None:
     """A LoRA rank above min(inputs, outputs) of its layer is no low-rank update of it."""
+    key = _with_marker_dot(key)
     if ".lora_A." not in key and ".lora_embedding_A" not in key:
         return None
     module_name = key.split(".lora_A." if ".lora_A." in key else ".lora_embedding_A")[0]

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +70,9 @@ def _train(loaded: LoadedConfig, folder: RunFolder) -> TrainResult:
     output_dir = Path(config.output_dir)
     checkpoint = plan_resume(output_dir, config.resume_from_checkpoint, config.overwrite_output_dir)
     _check_reporters(config)
+    from ftkit.train.user_callbacks import load_user_callbacks
+
+    user_callbacks = load_user_callbacks(config.callbacks)
     started = time.perf_counter()
 
     from ftkit.data.templates import apply_chat_template_to_tokenizer
@@ -132,10 +137,31 @@ def _train(loaded: LoadedConfig, folder: RunFolder) -> TrainResult:
         _largest_batch_tokens(data, config.per_device_train_batch_size, padding_free), device.type,
         sum(p.numel() for p in model.parameters()))
     _say(checkpointing.reason)
-    model = prepare_model_for_training(model, config, tokenizer=tokenizer, gradient_checkpointing=checkpointing.enabled)
+    model = prepare_model_for_training(model, config, tokenizer=tokenizer, gradient_checkpointing=checkpointing.enabled,
+                                       total_steps=_total_optimizer_steps(config, data))
     _say(trainable_parameter_summary(model))
+    _describe_lora_variant(config, model)
 
-    trainer = _build_trainer(config, model, tokenizer, data, precision, output_dir, padding_free)
+    trainer = _build_trainer(config, model, tokenizer, data, precision, output_dir, padding_free, user_callbacks)
+    with tempfile.TemporaryDirectory(prefix="ftkit-pissa-") as scratch:
+        pissa_initial = None
+        if config.pissa_init and config.pissa_convert:
+            # The same seed gives the same initial adapter on resume, so it is saved again rather than kept on disk.
+            from ftkit.train.lora_variants import save_initial_pissa_adapter
+
+            pissa_initial = Path(scratch) / "pissa_init"
+            save_initial_pissa_adapter(model, pissa_initial)
+        # Record the base as the user named it (hub id, ms:// id, alias), not the local cache path it resolved
+        # to, so the adapter loads on another machine; local directories stay paths.
+        base_name = config.model_name_or_path if source.kind in ("hub", "modelscope", "alias") else None
+        return _run(config, folder, trainer, tokenizer, data, answers, check, checkpoint, started,
+                    base_name=base_name, pissa_initial=pissa_initial)
+
+
+def _run(config: TrainConfig, folder: RunFolder, trainer, tokenizer, data, answers, check, checkpoint,
+         started: float, *, base_name: str | None, pissa_initial: Path | None) -> TrainResult:
+    """Train, save the final model (and the results), print the summary."""
+    output_dir = Path(config.output_dir)
     # Everything that can be refused has been checked: only now is an earlier run moved aside (deleted once
     # the first step has trained; a failure before that puts it back) and the config written.
     folder.start(dump_resolved_config(config), trainer)
@@ -152,11 +178,13 @@ def _train(loaded: LoadedConfig, folder: RunFolder) -> TrainResult:
     metrics = _final_metrics(trainer, train_output, data, checkpoint, started)
     if data.eval:
         metrics["eval_loss"] = round(_final_eval_loss(trainer), 6)
+    if config.adaptive_rank:
+        from ftkit.train.lora_variants import adalora_ranks, rank_summary
 
-    # Record the base as the user named it (hub id, ms:// id, alias), not the local cache path it resolved
-    # to, so the adapter loads on another machine; local directories stay paths.
-    _save_final_model(trainer, tokenizer, output_dir,
-                      base_name=config.model_name_or_path if source.kind in ("hub", "modelscope", "alias") else None)
+        metrics["adalora_ranks"] = adalora_ranks(trainer.model)
+        _say(f"AdaLoRA final {rank_summary(metrics['adalora_ranks'])}")
+
+    _save_final_model(trainer, tokenizer, output_dir, base_name=base_name, pissa_initial=pissa_initial)
     if config.plot_loss:
         from ftkit.train.callbacks import plot_loss
 
@@ -173,6 +201,30 @@ def _train(loaded: LoadedConfig, folder: RunFolder) -> TrainResult:
     if warning:
         _say(f"[yellow]warning[/]: {escape(warning)}")
     return TrainResult(output_dir=output_dir, metrics=metrics)
+
+
+def _total_optimizer_steps(config: TrainConfig, data) -> int:
+    """The optimizer steps the Trainer will run (its own formula), known before it exists: AdaLoRA's schedule."""
+    if config.max_steps > 0:
+        return config.max_steps
+    batches = math.ceil(len(data.train) / (1 if data.packed else config.per_device_train_batch_size))
+    per_epoch = max(math.ceil(batches / config.gradient_accumulation_steps), 1)
+    return math.ceil(config.num_train_epochs * per_epoch)
+
+
+def _describe_lora_variant(config: TrainConfig, model) -> None:
+    if config.adaptive_rank:
+        adapter = model.peft_config["default"]
+        _say(f"AdaLoRA: ranks start at {adapter.init_r} and prune to an average of {adapter.target_r} between steps "
+             f"{adapter.tinit} and {adapter.total_step - adapter.tfinal} of {adapter.total_step}, every "
+             f"{adapter.deltaT} step(s)")
+    if config.loraplus_lr_ratio is not None:
+        _say(f"LoRA+: B matrices at {config.loraplus_lr_ratio:g} x learning_rate "
+             f"({config.learning_rate * config.loraplus_lr_ratio:.3g})")
+    if config.pissa_init:
+        how = "exact SVD" if config.pissa_iter == -1 else f"{config.pissa_iter} fast SVD iterations"
+        form = "converted to a plain LoRA on save" if config.pissa_convert else "saved in PiSSA form (pissa_convert: false)"
+        _say(f"PiSSA: adapter initialised from each weight's principal part ({how}); {form}")
 
 
 def _padding_free(config: TrainConfig, model, packed: bool) -> bool:
@@ -194,7 +246,7 @@ def _largest_batch_tokens(data, batch_size: int, padding_free: bool) -> int:
 
 
 def _build_trainer(config: TrainConfig, model, tokenizer, data, precision: str, output_dir: Path,
-                   padding_free: bool):
+                   padding_free: bool, user_callbacks: list):
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -234,10 +286,17 @@ def _build_trainer(config: TrainConfig, model, tokenizer, data, precision: str, 
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval or None,
         data_collator=SupervisedCollator(tokenizer, padding_free=padding_free),
         processing_class=tokenizer, length_grouping=config.group_by_length and not padding_free and not data.packed,
+        loraplus=(config.loraplus_lr_ratio, config.loraplus_lr_embedding) if config.loraplus_lr_ratio else None,
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressAndLogCallback(output_dir, lambda: trainer.tokens_seen))
+    if config.adaptive_rank:
+        from ftkit.train.lora_variants import AdaLoraRankCallback
+
+        trainer.add_callback(AdaLoraRankCallback(model))
+    for callback in user_callbacks:
+        trainer.add_callback(callback)
     return trainer
 
 
@@ -271,14 +330,20 @@ def _final_metrics(trainer, train_output, data, checkpoint, started: float) -> d
     }
 
 
-def _save_final_model(trainer, tokenizer, output_dir: Path, *, base_name: str | None = None) -> None:
-    """Write the adapter (or full model), tokenizer, chat template and generation config atomically."""
+def _save_final_model(trainer, tokenizer, output_dir: Path, *, base_name: str | None = None,
+                      pissa_initial: Path | None = None) -> None:
+    """Write the adapter (or full model), tokenizer, chat template and generation config atomically; a PiSSA
+    adapter is converted to a plain LoRA when ``pissa_initial`` holds its initial weights."""
     staging = output_dir / FINAL_STAGING_DIR
     shutil.rmtree(staging, ignore_errors=True)
     model_config = getattr(getattr(trainer.model, "get_base_model", lambda: trainer.model)(), "config", None)
     if model_config is not None:
         model_config.use_cache = True  # turned off for gradient checkpointing; generation wants it back
     trainer.save_model(str(staging))
+    if pissa_initial is not None:
+        from ftkit.train.lora_variants import save_converted_pissa_adapter
+
+        save_converted_pissa_adapter(trainer.model, staging, pissa_initial)
     tokenizer.save_pretrained(str(staging))
     recorded = read_adapter_config(staging) if base_name else None
     if recorded is not None:

@@ -11,6 +11,8 @@
    reports the same train_loss as an uninterrupted one (the Trainer averages only the resumed steps).
 5. A run resumed from its last step trains no further (the Trainer runs one extra step when max_steps
    ends mid-epoch).
+6. LoRA+ builds the optimizer with peft's parameter groups, and AdaLoRA's orthogonality penalty is added to
+   the loss here (``ftkit.train.lora_variants``: the chunked loss never runs peft's forward, which adds it).
 Everything else (optimizer, scheduler, accumulation, RNG state, resume, data skipping) is the Trainer's.
 """
 
@@ -28,6 +30,7 @@ from transformers import Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
 from ftkit.train.checkpoints import STAGING_DIR
+from ftkit.train.lora_variants import adalora_orthogonal_penalty, loraplus_optimizer
 from ftkit.train.loss import chunked_loss_sum, plain_loss_sum, shifted_targets, supports_chunked_loss
 
 LOSS_STATE_FILE = "ftkit_state.json"
@@ -68,9 +71,11 @@ class SeededLengthGroupedSampler(Sampler[int]):
 class FtkitTrainer(Trainer):
     """The HF Trainer with trained-position-only logits, atomic checkpoints and token counting."""
 
-    def __init__(self, *args, length_grouping: bool = False, **kwargs) -> None:
+    def __init__(self, *args, length_grouping: bool = False, loraplus: tuple[float, float] | None = None,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.length_grouping = length_grouping
+        self.loraplus = loraplus  # (B's learning-rate ratio, the embedding learning rate) or None
         self.tokens_seen = 0  # real (non-padding) tokens since this process started
         self._staging = False
         self._earlier_loss_sum: float | None = 0.0  # loss summed over the steps before a resumed checkpoint
@@ -116,6 +121,15 @@ class FtkitTrainer(Trainer):
             return float(train_output.training_loss)
         return total / self.state.global_step
 
+    # -- optimizer ------------------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        if self.loraplus is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        ratio, embedding_lr = self.loraplus
+        self.optimizer = loraplus_optimizer(self.model if model is None else model, self.args, ratio=ratio,
+                                            embedding_lr=embedding_lr)
+        return self.optimizer
+
     # -- sampling -------------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
         if not self.length_grouping:
@@ -138,6 +152,10 @@ class FtkitTrainer(Trainer):
         if torch.is_tensor(denominator):
             denominator = denominator.to(loss_sum.device)
         loss = loss_sum / denominator
+        if model.training:
+            penalty = adalora_orthogonal_penalty(self.accelerator.unwrap_model(model))
+            if penalty is not None:  # once per optimizer step: each micro-batch's loss is summed over the window
+                loss = loss + penalty.to(loss.device) / self.args.gradient_accumulation_steps
         return (loss, None) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
