@@ -361,6 +361,11 @@ def main() -> None:
     # bitsandbytes' CPU backend warns on import that the optional `kernels` package (which fetches a faster
     # 4-bit kernel from the hub) is missing; its own kernel works, so the note only confuses.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # transformers imports torchao (ftkit quantize's backend) on every model load; torchao then logs that its
+    # CUDA-only extensions (mxfp8, cutlass) do not load on a CPU, and torch that torchao registers enums the
+    # old way. Neither is about the user's run.
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     try:
         status = app(standalone_mode=False)
     except FtkitError as err:
