@@ -23,7 +23,7 @@ CALLBACKS = textwrap.dedent('''
 
     THRESHOLD = None   # StopBelowLoss stops once the logged loss is below this
     CRASH_AT = None    # Recorder raises after this step (a killed run)
-    BEGINS, STEPS = [], []
+    begins, steps = [], []
 
     class StopBelowLoss(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -32,10 +32,10 @@ CALLBACKS = textwrap.dedent('''
 
     class Recorder(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            BEGINS.append(state.global_step)
+            begins.append(state.global_step)
 
         def on_step_end(self, args, state, control, **kwargs):
-            STEPS.append(state.global_step)
+            steps.append(state.global_step)
             if CRASH_AT is not None and state.global_step >= CRASH_AT:
                 raise RuntimeError("killed")
 
@@ -77,7 +77,7 @@ def test_a_callback_stops_training_when_the_loss_crosses_a_threshold(tiny_llama_
     losses = [record["loss"] for record in read_log(tmp_path / "out") if "loss" in record]
     assert losses[-1] < 10.7 <= min(losses[:-1]), losses
     assert result.metrics["global_step"] == len(losses) < 10
-    assert user_module.STEPS == list(range(1, len(losses) + 1))  # both callbacks ran, in order
+    assert user_module.steps == list(range(1, len(losses) + 1))  # both callbacks ran, in order
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()  # a stopped run still saves its adapter
 
 
@@ -90,7 +90,7 @@ def test_callbacks_are_attached_again_when_a_run_resumes(tiny_llama_dir, tmp_pat
     user_module.CRASH_AT = None
     result = train(tiny_llama_dir, tmp_path / "out", **overrides)
     assert result.metrics["resumed_from_step"] == 2
-    assert user_module.BEGINS == [0, 2] and user_module.STEPS == [1, 2, 3, 3, 4, 5, 6]
+    assert user_module.begins == [0, 2] and user_module.steps == [1, 2, 3, 3, 4, 5, 6]
 
 
 @pytest.mark.parametrize(("entry", "sentence"), [

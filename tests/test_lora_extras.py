@@ -39,6 +39,12 @@ RECORDERS = textwrap.dedent('''
             with open(os.path.join(args.output_dir, "groups.json"), "w") as f:
                 json.dump(groups, f)
 
+    class CrashAtStep5(TrainerCallback):
+        """A run killed after its checkpoint at step 4."""
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 5:
+                raise RuntimeError("killed")
+
     class RecordLogits(TrainerCallback):
         """Saves the logits of the model being trained, at the end of training, on PROBE."""
         def on_train_end(self, args, state, control, model=None, **kwargs):
@@ -167,3 +173,18 @@ def test_adaptive_rank_changes_ranks_and_its_adapter_loads_and_merges(tiny_llama
     torch.testing.assert_close(logits(loaded), trained, atol=1e-4, rtol=1e-4)
     export = merged_and_verified(tmp_path, tiny_llama_dir, out)
     torch.testing.assert_close(logits(base_model(export)), trained, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_an_adaptive_rank_run_is_refused_resume_in_one_sentence(tiny_llama_dir, tmp_path, recorders):
+    from ftkit.errors import FtkitError
+
+    out = tmp_path / "out"
+    keys = {"adaptive_rank": True, "save_strategy": "steps", "save_steps": 4, "bf16": False}
+    with pytest.raises(RuntimeError, match="killed"):
+        train(tiny_llama_dir, out, callbacks=f"{recorders}:CrashAtStep5", **keys)
+    with pytest.raises(FtkitError) as error:
+        train(tiny_llama_dir, out, **keys)
+    assert str(error.value) == (
+        "adaptive_rank runs cannot resume yet: checkpoint-4 holds pruned AdaLoRA weights without the importance "
+        "scores the schedule needs; set resume_from_checkpoint: false and overwrite_output_dir: true to start over.")

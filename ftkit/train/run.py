@@ -69,6 +69,12 @@ def _train(loaded: LoadedConfig, folder: RunFolder) -> TrainResult:
     config: TrainConfig = loaded.config
     output_dir = Path(config.output_dir)
     checkpoint = plan_resume(output_dir, config.resume_from_checkpoint, config.overwrite_output_dir)
+    if checkpoint is not None and config.adaptive_rank:
+        # peft saves AdaLoRA checkpoints pruned to their current ranks and keeps the importance scores only in
+        # memory, so a resumed run could neither load the weights nor continue the same rank schedule.
+        raise FtkitError(f"adaptive_rank runs cannot resume yet: {checkpoint.path.name} holds pruned AdaLoRA weights "
+                         "without the importance scores the schedule needs; set resume_from_checkpoint: false and "
+                         "overwrite_output_dir: true to start over.")
     _check_reporters(config)
     from ftkit.train.user_callbacks import load_user_callbacks
 
