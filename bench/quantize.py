@@ -23,8 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-DEFAULT_METHODS = ["int8", "int8-dynamic", "int8-static", "bnb-int8", "bnb-nf4", "bnb-fp4", "gguf:f16", "gguf:bf16",
-                   "gguf:q8_0", "gguf:q5_0", "gguf:q4_0", "int4", "gptq", "awq"]
+DEFAULT_METHODS = ["int8", "int8@fp32", "int8-dynamic", "int8-static", "bnb-int8", "bnb-nf4", "bnb-fp4", "gguf:f16",
+                   "gguf:bf16", "gguf:q8_0", "gguf:q5_0", "gguf:q4_0", "int4", "gptq", "awq"]
+"""``method``, ``gguf:TYPE`` for a GGUF type, ``method@DTYPE`` for another export_dtype (default auto: bf16 here)."""
 RECOMMENDED_FOR_CPU = "int8"
 
 
@@ -32,6 +33,7 @@ def targets(method: str, report: dict) -> list[str]:
     """The issue's targets this row is held to, each 'met' or 'missed' with the measured value."""
     ratio, quantized = report["ratios"], report["quantized"]
     checks: list[tuple[str, bool]] = []
+    method = method.partition("@")[0]
     eight_bit = method in ("int8", "int8-dynamic", "int8-static", "bnb-int8", "gguf:q8_0")
     four_bit = method in ("bnb-nf4", "bnb-fp4", "gguf:q4_0", "gguf:q5_0")
     if eight_bit:
@@ -73,9 +75,12 @@ def main() -> int:
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="ftkit-bench-quantize-") as workdir:
         for entry in args.methods:
-            method, _, gguf_type = entry.partition(":")
+            spec, _, export_dtype = entry.partition("@")
+            method, _, gguf_type = spec.partition(":")
             keys = {"model_name_or_path": args.model, "method": method, "export_dir": f"{workdir}/{entry}",
                     "bench_new_tokens": args.new_tokens, "eval_max_tokens": args.eval_tokens}
+            if export_dtype:
+                keys["export_dtype"] = export_dtype
             if gguf_type:
                 keys["gguf_type"] = gguf_type
             print(f"[{time.time() - started:6.0f} s] {entry} ...", file=sys.stderr, flush=True)
@@ -88,6 +93,7 @@ def main() -> int:
             original, quantized = table_rows(report)
             if not rows:
                 rows.append(original + [""])
+            quantized[0] += f" [{entry}]" if "@" in entry else ""
             rows.append(quantized + ["; ".join(targets(entry, report))])
     header = ["method", "size MB", "peak mem MB", "prompt tok/s", "gen tok/s", "latency/sample s", "perplexity",
               "top-1 agree", "max |Δlogit|", "targets (issue 18)"]

@@ -103,6 +103,7 @@ def test_static_int8_stores_one_calibrated_activation_scale_per_layer(tiny_llama
     assert weight.act_quant_scale.numel() == 1 and float(weight.act_quant_scale) > 0
     q_scale = float(model.model.layers[0].self_attn.q_proj.weight.act_quant_scale)
     assert q_scale != float(weight.act_quant_scale)  # each layer its own calibrated scale
+    assert weight.act_pre_scale.shape == (128,)  # SmoothQuant: one smoothing factor per input channel
 
 
 def test_adapter_is_merged_in_fp32_before_quantizing(tiny_llama_dir, tmp_path):

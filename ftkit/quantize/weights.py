@@ -5,10 +5,16 @@ it with its ``TorchAoConfig``, so ``from_pretrained`` rebuilds the quantized ten
 while loading, so a bnb method loads the full-precision checkpoint (saved first when adapters were merged or
 the source was a GGUF file) with a ``BitsAndBytesConfig`` and saves that.
 
-``int8-static`` calibrates with forward pre-hooks: each linear layer records the largest absolute input it
-sees over ``calibration_samples`` chat-rendered prompts, and its activations are then quantized with the
-fixed scale ``amax / 127`` (per tensor, symmetric) by torchao's ``Int8StaticActivationInt8WeightConfig``.
-torchao, not optimum-quanto: it is installed already for the other int8 methods and runs int8 x int8 on CPU.
+``int8-static`` calibrates with forward pre-hooks: each linear layer records, per input channel, the largest
+absolute input it sees over ``calibration_samples`` chat-rendered prompts. A per-tensor static scale taken
+straight from those maxima fails on LLMs: a few outlier channels (SmolLM2's down_proj inputs reach
+hundreds) leave the other channels a handful of int8 levels (measured on the embedded model: perplexity
++157%, top-1 agreement 47%). So the scales are smoothed first, as SmoothQuant (Xiao et al., 2023) does:
+per input channel ``s = amax_x ** ALPHA / amax_w ** (1 - ALPHA)``, weights multiplied by ``s`` before they
+are quantized per output channel, activations multiplied by ``1 / s`` (torchao's ``act_pre_scale``) and then
+quantized with the fixed per-tensor scale ``max(amax_x / s) / 127``. torchao, not optimum-quanto: torchao is
+installed already for the other int8 methods, runs int8 x int8 on CPU, and its ``Int8Tensor`` carries both
+the smoothing and the static scale, so the checkpoint is self-contained.
 """
 
 from __future__ import annotations
@@ -21,6 +27,11 @@ import torch
 
 from ftkit.errors import FtkitError
 from ftkit.quantize.methods import DEFAULT_GROUP_SIZE, is_excluded
+
+SMOOTHQUANT_ALPHA = 0.8
+"""How much of the activations' range moves into the weights. SmoothQuant uses 0.8-0.85 for Llama models;
+measured on the embedded model: 0.5 gave perplexity +29% and top-1 agreement 67%, 0.8 gave +5.8% and 88%
+(int8-dynamic's per-token scales: +5.3%, 88%)."""
 
 
 def torchao_config(method: str, *, per_channel: bool, group_size: int | None, act_scale: torch.Tensor | None = None):
@@ -54,10 +65,11 @@ def quantized_linear_names(model: torch.nn.Module, excluded: list[str]) -> list[
 
 @torch.inference_mode()
 def calibrate_activation_amax(model: Any, tokenizer: Any, texts: list[str], names: list[str], *,
-                              batch_size: int, max_length: int) -> dict[str, float]:
-    """The largest absolute input each named linear layer sees over ``texts`` (padding positions excluded)."""
+                              batch_size: int, max_length: int) -> dict[str, torch.Tensor]:
+    """Per input channel, the largest absolute input each named linear layer sees over ``texts`` (padding
+    positions excluded)."""
     modules = dict(model.named_modules())
-    amax: dict[str, float] = dict.fromkeys(names, 0.0)
+    amax: dict[str, torch.Tensor] = {name: torch.zeros(modules[name].in_features) for name in names}
     mask_holder: dict[str, torch.Tensor] = {}
 
     def hook(name: str) -> Callable:
@@ -66,7 +78,7 @@ def calibrate_activation_amax(model: Any, tokenizer: Any, texts: list[str], name
             mask = mask_holder.get("mask")
             if mask is not None and values.shape[:2] == mask.shape:
                 values = values * mask[..., None]
-            amax[name] = max(amax[name], float(values.max()))
+            amax[name] = torch.maximum(amax[name], values.reshape(-1, values.shape[-1]).amax(dim=0).float().cpu())
         return record
 
     handles = [modules[name].register_forward_pre_hook(hook(name)) for name in names]
@@ -95,9 +107,7 @@ def quantize_with_torchao(model: Any, method: str, *, excluded: list[str], per_c
     if method == "int8-static":
         assert act_amax is not None
         for name in names:
-            scale = torch.tensor(max(act_amax[name], 1e-8) / 127.0, dtype=torch.float32).reshape(1, 1, 1)
-            config = torchao_config(method, per_channel=per_channel, group_size=group_size, act_scale=scale)
-            quantize_(model.get_submodule(name), config, filter_fn=lambda _m, _fqn: True)
+            _smooth_and_quantize_static(model.get_submodule(name), act_amax[name], per_channel=per_channel)
         saved_config = torchao_config(method, per_channel=per_channel, group_size=group_size, act_scale=None)
     else:
         saved_config = torchao_config(method, per_channel=per_channel, group_size=group_size)
@@ -109,6 +119,29 @@ def quantize_with_torchao(model: Any, method: str, *, excluded: list[str], per_c
     model.config.quantization_config = quantization
     model.hf_quantizer = AutoHfQuantizer.from_config(quantization, pre_quantized=True)
     return names
+
+
+def _smooth_and_quantize_static(linear: torch.nn.Linear, act_amax: torch.Tensor, *, per_channel: bool) -> None:
+    """SmoothQuant this layer with its calibrated per-channel input maxima, then quantize it to torchao's static
+    int8 (see the module docstring)."""
+    from torchao.quantization.granularity import PerRow, PerTensor
+    from torchao.quantization.quant_primitives import MappingType
+    from torchao.quantization.quantize_.workflows.int8.int8_tensor import (
+        Int8Tensor,
+        QuantizeTensorToInt8Kwargs,
+    )
+
+    weight = linear.weight.detach()
+    act = act_amax.clamp(min=1e-5)
+    weight_amax = weight.abs().amax(dim=0).float().clamp(min=1e-5)
+    smooth = (act.pow(SMOOTHQUANT_ALPHA) / weight_amax.pow(1 - SMOOTHQUANT_ALPHA)).clamp(min=1e-5)
+    act_scale = (act / smooth).max() / 127.0
+    smoothed = (weight.float() * smooth[None, :]).to(weight.dtype)
+    quantized = Int8Tensor.from_hp(
+        smoothed, granularity=PerRow() if per_channel else PerTensor(),
+        act_quant_kwargs=QuantizeTensorToInt8Kwargs(granularity=PerTensor(), mapping_type=MappingType.SYMMETRIC),
+        act_quant_scale=act_scale.reshape(1, 1, 1), act_pre_scale=(1.0 / smooth).to(weight.dtype))
+    linear.weight = torch.nn.Parameter(quantized, requires_grad=False)
 
 
 def bnb_config(method: str, *, excluded: list[str], compute_dtype: torch.dtype):
