@@ -13,6 +13,7 @@ from typing import Any
 RUN_CONFIG_FILE = "ftkit_config.yaml"  # the resolved config of the run (rerun it as is)
 RUN_RESULTS_FILE = "train_results.json"  # final metrics; its presence marks a finished run
 TRAINER_LOG_FILE = "trainer_log.jsonl"  # one JSON line per logging step
+ADALORA_STATE_FILE = "adalora_state.pt"  # in a checkpoint of an AdaLoRA run: full-rank weights, scores
 LOSS_PLOT_FILE = "training_loss.png"
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # peft's; marks a LoRA adapter folder
 

@@ -176,15 +176,24 @@ def test_adaptive_rank_changes_ranks_and_its_adapter_loads_and_merges(tiny_llama
 
 
 @pytest.mark.slow
-def test_an_adaptive_rank_run_is_refused_resume_in_one_sentence(tiny_llama_dir, tmp_path, recorders):
-    from ftkit.errors import FtkitError
-
-    out = tmp_path / "out"
-    keys = {"adaptive_rank": True, "save_strategy": "steps", "save_steps": 4, "bf16": False}
+def test_an_adaptive_rank_run_resumes_exactly_after_a_crash(tiny_llama_dir, tmp_path, recorders):
+    keys = {"adaptive_rank": True, "init_r": 6, "target_r": 2, "tinit": 2, "tfinal": 3, "save_strategy": "steps",
+            "save_steps": 4, "bf16": False}
+    whole = train(tiny_llama_dir, tmp_path / "whole" / "out", callbacks=f"{recorders}:RecordLogits", **keys)
+    out = tmp_path / "crashed" / "out"
     with pytest.raises(RuntimeError, match="killed"):
         train(tiny_llama_dir, out, callbacks=f"{recorders}:CrashAtStep5", **keys)
-    with pytest.raises(FtkitError) as error:
+    assert (out / "checkpoint-4" / "adalora_state.pt").is_file()
+    resumed = train(tiny_llama_dir, out, callbacks=f"{recorders}:RecordLogits", **keys)
+    assert resumed.metrics["adalora_ranks"] == whole.metrics["adalora_ranks"]
+    assert resumed.metrics["train_loss"] == pytest.approx(whole.metrics["train_loss"], abs=1e-5)
+    torch.testing.assert_close(torch.load(tmp_path / "crashed" / "trained_logits.pt"),
+                               torch.load(tmp_path / "whole" / "trained_logits.pt"), atol=1e-5, rtol=1e-5)
+
+    for state in out.glob("checkpoint-*/adalora_state.pt"):  # checkpoints from elsewhere: one sentence
+        state.unlink()
+    (out / "train_results.json").unlink()
+    from ftkit.errors import FtkitError
+
+    with pytest.raises(FtkitError, match="has no adalora_state.pt"):
         train(tiny_llama_dir, out, **keys)
-    assert str(error.value) == (
-        "adaptive_rank runs cannot resume yet: checkpoint-4 holds pruned AdaLoRA weights without the importance "
-        "scores the schedule needs; set resume_from_checkpoint: false and overwrite_output_dir: true to start over.")

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftkit.engine.cpu_weights import can_pack, pack_linear_weights
 from ftkit.engine.block_pool import BlockPool
+from ftkit.engine.cpu_weights import can_pack, pack_linear_weights
 from ftkit.engine.kv_cache_manager import KVCacheManager
 from ftkit.engine.lora import MultiLoRA
 from ftkit.engine.model_runner import (

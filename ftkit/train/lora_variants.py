@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from ftkit.run_files import ADALORA_STATE_FILE
+
 
 def adalora_model(model: torch.nn.Module) -> Any | None:
     """The peft ``AdaLoraModel`` inside ``model`` (a PeftModel), or None when it is not an AdaLoRA."""
@@ -55,6 +57,41 @@ def adalora_ranks(model: torch.nn.Module) -> dict[str, int]:
         if name in values:
             ranks[module_name] = int((values[name].detach() != 0).sum())
     return ranks
+
+
+def save_adalora_state(model: torch.nn.Module, directory: Path) -> None:
+    """Write what exact resume of an AdaLoRA run needs into a checkpoint: the adapter at full rank (peft's
+    ``save_pretrained`` prunes it to the current ranks), the rank pattern, and the importance scores the
+    allocator keeps only in memory. Nothing for other models."""
+    tuner = adalora_model(model)
+    if tuner is None:
+        return
+    name, allocator = tuner.trainable_adapter_name, tuner.rankallocator
+    state = {
+        "weights": {n: p.detach().cpu().clone() for n, p in tuner.model.named_parameters() if f".{name}" in n
+                    and "lora_" in n},
+        "rank_pattern": tuner.peft_config[name].rank_pattern,
+        **{key: {n: t.detach().cpu().clone() for n, t in getattr(allocator, key).items()}
+           for key in ("ipt", "exp_avg_ipt", "exp_avg_unc")},
+    }
+    torch.save(state, directory / ADALORA_STATE_FILE)
+
+
+def load_adalora_state(model: torch.nn.Module, directory: Path) -> bool:
+    """Restore ``save_adalora_state``'s checkpoint into ``model``; False when there is nothing to restore."""
+    tuner, path = adalora_model(model), directory / ADALORA_STATE_FILE
+    if tuner is None or not path.is_file():
+        return False
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    parameters = dict(tuner.model.named_parameters())
+    with torch.no_grad():
+        for n, tensor in state["weights"].items():
+            parameters[n].copy_(tensor.to(parameters[n].device))
+    name, allocator = tuner.trainable_adapter_name, tuner.rankallocator
+    tuner.peft_config[name].rank_pattern = state["rank_pattern"]
+    for key in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+        setattr(allocator, key, {n: t.to(parameters[n].device) for n, t in state[key].items()})
+    return True
 
 
 def rank_summary(ranks: dict[str, int]) -> str:

@@ -24,7 +24,13 @@ from rich.markup import escape
 from ftkit.config import LoadedConfig, TrainConfig, dump_resolved_config
 from ftkit.errors import FtkitError
 from ftkit.paths import atomic_write_text
-from ftkit.run_files import ADAPTER_CONFIG_FILE, RUN_CONFIG_FILE, TRAINER_LOG_FILE, read_adapter_config
+from ftkit.run_files import (
+    ADALORA_STATE_FILE,
+    ADAPTER_CONFIG_FILE,
+    RUN_CONFIG_FILE,
+    TRAINER_LOG_FILE,
+    read_adapter_config,
+)
 from ftkit.train.checkpoints import (
     FINAL_STAGING_DIR,
     RESULTS_FILE,
@@ -69,11 +75,11 @@ def _train(loaded: LoadedConfig, folder: RunFolder) -> TrainResult:
     config: TrainConfig = loaded.config
     output_dir = Path(config.output_dir)
     checkpoint = plan_resume(output_dir, config.resume_from_checkpoint, config.overwrite_output_dir)
-    if checkpoint is not None and config.adaptive_rank:
-        # peft saves AdaLoRA checkpoints pruned to their current ranks and keeps the importance scores only in
-        # memory, so a resumed run could neither load the weights nor continue the same rank schedule.
-        raise FtkitError(f"adaptive_rank runs cannot resume yet: {checkpoint.path.name} holds pruned AdaLoRA weights "
-                         "without the importance scores the schedule needs; set resume_from_checkpoint: false and "
+    if checkpoint is not None and config.adaptive_rank and not (checkpoint.path / ADALORA_STATE_FILE).is_file():
+        # peft saves AdaLoRA adapters pruned to their current ranks and keeps the importance scores in memory;
+        # ftkit's checkpoints add both (adalora_state.pt), a checkpoint from elsewhere lacks them.
+        raise FtkitError(f"{checkpoint.path} has no {ADALORA_STATE_FILE} (the full-rank AdaLoRA weights and "
+                         "importance scores exact resume needs); set resume_from_checkpoint: false and "
                          "overwrite_output_dir: true to start over.")
     _check_reporters(config)
     from ftkit.train.user_callbacks import load_user_callbacks

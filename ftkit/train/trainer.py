@@ -30,7 +30,12 @@ from transformers import Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
 from ftkit.train.checkpoints import STAGING_DIR
-from ftkit.train.lora_variants import adalora_orthogonal_penalty, loraplus_optimizer
+from ftkit.train.lora_variants import (
+    adalora_orthogonal_penalty,
+    load_adalora_state,
+    loraplus_optimizer,
+    save_adalora_state,
+)
 from ftkit.train.loss import chunked_loss_sum, plain_loss_sum, shifted_targets, supports_chunked_loss
 
 LOSS_STATE_FILE = "ftkit_state.json"
@@ -166,6 +171,13 @@ class FtkitTrainer(Trainer):
             loss = self.compute_loss(model, dict(inputs), num_items_in_batch=count)
         return loss.detach(), None, None
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # An AdaLoRA checkpoint's adapter file is pruned to the ranks of that step; its full-rank weights and
+        # the allocator's scores are in adalora_state.pt (peft would otherwise shrink the modules on load).
+        if model is None and load_adalora_state(self.model, Path(resume_from_checkpoint)):
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
     # -- atomic checkpoints ---------------------------------------------------------------------------
     def _get_output_dir(self, trial):
         run_dir = super()._get_output_dir(trial)
@@ -190,6 +202,7 @@ class FtkitTrainer(Trainer):
         if loss_sum is not None:
             with open(os.path.join(staging, name, LOSS_STATE_FILE), "w", encoding="utf-8") as f:
                 json.dump({"global_step": self.state.global_step, "loss_sum": loss_sum}, f)
+        save_adalora_state(self.model, Path(staging) / name)
         final = os.path.join(run_dir, name)
         if os.path.exists(final):  # from an earlier process (killed mid-way, or resumed from an earlier step)
             shutil.rmtree(final)
