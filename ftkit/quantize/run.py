@@ -107,7 +107,8 @@ def _quantize_into(staging: Path, config: QuantizeConfig, source: Any, adapter_d
     from ftkit.models import LoadOptions, cpu_has_fast_bf16, load_for_inference, parse_dtype
 
     options = LoadOptions.from_config(config).full_precision()
-    dtype = parse_dtype(config.export_dtype, auto=torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)
+    fast_bf16 = cpu_has_fast_bf16() or config.method == "int4"  # int4's CUDA kernel (tinygemm) takes bf16 only
+    dtype = parse_dtype(config.export_dtype, auto=torch.bfloat16 if fast_bf16 else torch.float32)
     chunks = eval_chunks(tokenizer, texts.eval_text(config.eval_data), config.eval_max_tokens)
     prompts = verify.render_prompts(tokenizer).token_ids
 

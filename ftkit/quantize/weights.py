@@ -53,7 +53,9 @@ def torchao_config(method: str, *, per_channel: bool, group_size: int | None, ac
         return Int8StaticActivationInt8WeightConfig(act_quant_scale=act_scale,
                                                     granularity=[PerTensor(), weight_granularity])
     if method == "int4":
-        return Int4WeightOnlyConfig(group_size=group_size or DEFAULT_GROUP_SIZE)
+        # tinygemm's layout (torch's own CUDA int4 kernel); the plain layout needs the separate mslk package
+        return Int4WeightOnlyConfig(group_size=group_size or DEFAULT_GROUP_SIZE,
+                                    int4_packing_format="tile_packed_to_4d")
     raise ValueError(f"not a torchao method: {method}")
 
 
