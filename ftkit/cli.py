@@ -119,8 +119,8 @@ def train(config: ConfigArg, overrides: OverridesArg = None) -> None:
 def validate(
     config: ConfigArg,
     overrides: OverridesArg = None,
-    stage: Annotated[str, typer.Option(help="Which schema to check against: train or merge-lora (default: guessed "
-                                            "from the keys).")] = "",
+    stage: Annotated[str, typer.Option(help="Which schema to check against: train, merge-lora or quantize (default: "
+                                            "guessed from the keys).")] = "",
 ) -> None:
     """Check a stage config (every problem at once) and print it with all defaults filled in."""
     from ftkit.config import dump_resolved_config
@@ -128,9 +128,9 @@ def validate(
 
     if not stage:
         keys, _ = read_yaml_mapping(config)
-        stage = "merge-lora" if "export_dir" in keys else "train"
-    if stage not in ("train", "merge-lora"):
-        raise FtkitError(f"--stage {stage} is not a stage with a config; use train or merge-lora.")
+        stage = "quantize" if "method" in keys else "merge-lora" if "export_dir" in keys else "train"
+    if stage not in ("train", "merge-lora", "quantize"):
+        raise FtkitError(f"--stage {stage} is not a stage with a config; use train, merge-lora or quantize.")
     loaded = _load(stage, config, overrides)
     console.print(f"[green]{escape(str(config))} is a valid {stage} config.[/] Resolved, with defaults:",
                   soft_wrap=True)

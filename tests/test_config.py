@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftkit.config import MergeConfig, TrainConfig, dump_resolved_config, load_stage_config, parse_overrides
+from ftkit.config import (
+    MergeConfig,
+    QuantizeConfig,
+    TrainConfig,
+    dump_resolved_config,
+    load_stage_config,
+    parse_overrides,
+)
 from ftkit.config.loading import read_yaml_mapping
 from ftkit.errors import FtkitError
 
@@ -377,7 +384,7 @@ def test_merge_config_round_trips(tmp_path):
 @pytest.mark.parametrize("shipped", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid_and_round_trip(tmp_path, shipped):
     keys, _ = read_yaml_mapping(shipped)
-    schema = MergeConfig if "export_dir" in keys else TrainConfig
+    schema = QuantizeConfig if "method" in keys else MergeConfig if "export_dir" in keys else TrainConfig
     original = load_stage_config(schema, shipped).config
     reloaded = load_stage_config(schema, write(tmp_path, dump_resolved_config(original))).config
     assert reloaded == original
