@@ -273,6 +273,9 @@ def _load_torchao_static_int8(source: ModelSource, dtype: torch.dtype) -> PreTra
         raise FtkitError(f"The int8-static checkpoint {source.path} does not match its config.json ({len(missing)} "
                          f"weights missing, {len(unexpected)} unexpected); write it again with ftkit quantize.")
     model.tie_weights()
+    for param in model.parameters():  # the unquantized weights (norms, embeddings) in the dtype asked for
+        if type(param.data) is torch.Tensor and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
     model.config.quantization_config = quantization
     return model.eval()
 
