@@ -195,3 +195,18 @@ def test_engine_weight_packing_leaves_torchao_weights_alone(tiny_llama_dir, tmp_
     ids = torch.tensor([[1, 2, 3]])
     with torch.inference_mode():
         assert model(input_ids=ids).logits.shape == (1, 3, 49152)
+
+
+@pytest.mark.parametrize("method", ["int8-static", "bnb-nf4"])
+def test_ftkit_evaluate_loads_the_output(tiny_llama_dir, tmp_path, method):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    quantize(tiny_llama_dir, out, method, report=False)
+    result = subprocess.run([sys.executable, "-m", "ftkit.cli", "evaluate", "--model", str(out), "--benchmark",
+                             "general", "--limit", "1", "--output", str(tmp_path / "eval")], capture_output=True,
+                            text=True, env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["model"] == str(out)
