@@ -181,10 +181,6 @@ def test_embedded_model_int8_and_gguf_q8_0(tmp_path):
     assert "Paris" in loaded.tokenizer.decode(answer)
 
 
-@pytest.mark.xfail(strict=True, raises=NotImplementedError, reason="ftkit.engine.cpu_weights.pack_linear_weights packs every bf16 nn.Linear "
-                   "for oneDNN, torchao's Int8Tensor weights included, and mkldnn cannot reorder them: ftkit serve "
-                   "and ftkit evaluate --dtype bf16 fail on int8/int8-dynamic/int8-static outputs until it skips "
-                   "tensor subclasses (type(child.weight.data) is torch.Tensor)")
 def test_engine_weight_packing_leaves_torchao_weights_alone(tiny_llama_dir, tmp_path):
     from ftkit.engine.cpu_weights import pack_linear_weights
 

@@ -47,11 +47,13 @@ class PackedLinear(nn.Linear):
 
 
 def pack_linear_weights(model: Any, batch_hint: int) -> int:
-    """Replace every bf16 ``nn.Linear`` of ``model`` by a ``PackedLinear``; the number replaced."""
+    """Replace every plain bf16 ``nn.Linear`` of ``model`` by a ``PackedLinear``; the number replaced. Layers
+    whose weight is a tensor subclass (quantized weights: ``ftkit quantize``'s torchao outputs) keep theirs."""
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16 and child.weight.device.type == "cpu":
+            if (type(child) is nn.Linear and type(child.weight.data) is torch.Tensor  # not torchao's int8 tensors
+                    and child.weight.dtype == torch.bfloat16 and child.weight.device.type == "cpu"):
                 setattr(parent, name, PackedLinear(child, batch_hint))
                 replaced += 1
     return replaced
