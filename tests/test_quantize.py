@@ -193,6 +193,24 @@ def test_engine_weight_packing_leaves_torchao_weights_alone(tiny_llama_dir, tmp_
         assert model(input_ids=ids).logits.shape == (1, 3, 49152)
 
 
+@pytest.mark.parametrize("method", ["int8", "int8-static"])
+def test_ftkit_serve_answers_from_a_torchao_output_in_bf16(tiny_llama_dir, tmp_path, method):
+    import httpx
+
+    from ftkit.config import ServeConfig
+    from ftkit.serve.app import create_app
+    from ftkit.serve.run import BackgroundServer, build_state
+
+    out = tmp_path / "out"
+    quantize(tiny_llama_dir, out, method, report=False)
+    config = ServeConfig(model_name_or_path=str(out), served_model_name="q", infer_dtype="bf16", device="cpu")
+    with BackgroundServer(create_app(build_state(config))) as server:
+        reply = httpx.post(f"{server.url}/chat/completions", timeout=60, json={
+            "model": "q", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["completion_tokens"] >= 1
+
+
 @pytest.mark.parametrize("method", ["int8-static", "bnb-nf4"])
 def test_ftkit_evaluate_loads_the_output(tiny_llama_dir, tmp_path, method):
     import os
