@@ -5,3 +5,7 @@ Data flows one way: YAML -> ``ftkit.config`` -> ``ftkit.data`` + ``ftkit.models`
 """
 
 __version__ = "0.1.0"
+
+from ftkit.torchao_gate import defer_torchao  # noqa: E402
+
+defer_torchao()  # transformers would import torchao on every model load: see ftkit.torchao_gate

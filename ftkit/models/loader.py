@@ -191,6 +191,11 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
+    from ftkit.torchao_gate import defer_torchao, enable_torchao, uses_torchao
+
+    defer_torchao()
+    if not source.gguf_file and uses_torchao(source.path):
+        enable_torchao()
     kwargs: dict[str, object] = {"dtype": dtype, "trust_remote_code": trust_remote_code, **source.load_kwargs}
     attention = _checked_attention(attn_implementation, device)
     if attention is not None:

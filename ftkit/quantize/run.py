@@ -52,6 +52,9 @@ def run_quantize(config: QuantizeConfig) -> QuantizeResult:
     from transformers.utils import logging as transformers_logging
 
     from ftkit.models import adapter_dirs_from_config, model_source_from_config
+    from ftkit.torchao_gate import enable_torchao
+
+    enable_torchao()  # transformers writes and reads the torchao methods' checkpoints
 
     export_dir = Path(config.export_dir).expanduser()
     export_checks.check_export_dir(export_dir, overwrite=config.overwrite)
