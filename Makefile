@@ -26,7 +26,7 @@ demo: install
 
 test: install
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/python -m pytest -n 2 -q
+	$(BIN)/python -m pytest -n 2 -q --durations=15
 
 test-fast: install
 	$(BIN)/python -m pytest -n 2 -q -m "not slow"
