@@ -84,3 +84,34 @@ def test_at_most_max_loras_are_resident_and_a_busy_one_is_never_evicted(tiny_lla
     assert engine.adapters == []
     with pytest.raises(FtkitError, match="No adapter named 'blue' is loaded \\(loaded: none\\)"):
         engine.unload_adapter("blue")
+
+
+def save_random_adalora(base_dir, directory):
+    """An AdaLoRA adapter (A, singular values E, B) pruned to uneven ranks, one module to rank 0, as training ends."""
+    from peft import AdaLoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, total_step=10, target_modules=["q_proj", "v_proj"],
+                           init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    keeps = [[True, False, True, True], [False] * 4, [True, False, False, False]]
+    names = [name for name, module in peft_model.named_modules() if hasattr(module, "lora_E")]
+    pattern = {f"{name.removeprefix('base_model.model.')}.lora_E": keeps[index % 3] for index, name in enumerate(names)}
+    peft_model.peft_config["default"].rank_pattern = pattern
+    peft_model.save_pretrained(directory)
+    return directory
+
+
+def test_an_adalora_adapter_is_served_beside_lora_as_peft_loads_it(tiny_llama_dir, adapters, tmp_path):
+    adalora = save_random_adalora(tiny_llama_dir, tmp_path / "adaptive")
+    expected = merged_answer(tiny_llama_dir, adalora)
+    assert expected[0] != merged_answer(tiny_llama_dir, None)[0]
+    base = load_for_inference(str(tiny_llama_dir), dtype=torch.float32, device=torch.device("cpu"))
+    engine = LLMEngine.from_inference_model(base)
+    engine.load_adapter("adaptive", adalora)
+    engine.load_adapter("red", adapters["red"])
+    outputs = engine.generate([PROMPT] * 2, GREEDY, adapters=["adaptive", "red"])
+    assert_close(answer(outputs[0]), expected)
+    assert_close(answer(outputs[1]), merged_answer(tiny_llama_dir, adapters["red"]))

@@ -11,8 +11,8 @@ Written here because peft applies one active adapter to a whole batch (its mixed
 path runs every adapter over a separate sub-batch and cannot follow our flattened, paged step), and a
 merged copy of the base per adapter would multiply the weights in memory.
 
-Only LoRA on linear layers is served (no DoRA, no embedding LoRA, no ``modules_to_save``); anything else is
-refused with a sentence when the adapter is loaded.
+Only LoRA on linear layers is served (AdaLoRA too: its singular values fold into A at load; no DoRA, no
+embedding LoRA, no ``modules_to_save``); anything else is refused with a sentence when the adapter is loaded.
 """
 
 from __future__ import annotations
@@ -150,15 +150,28 @@ def _read_lora_weights(adapter_dir: Path) -> dict[str, tuple[torch.Tensor, torch
                          "plain LoRA side by side only (merge it with ftkit merge-lora instead).")
     tensors = _load_tensors(adapter_dir)
     alpha = config.get("lora_alpha", 8)
+    adalora = config.get("peft_type") == "ADALORA"
+    if adalora:  # AdaLoRA saves bare parameters ("....q_proj.lora_A"); LoRA's keys go on with ".weight"
+        tensors = {f"{key}." if key.endswith((".lora_A", ".lora_B", ".lora_E")) else key: value
+                   for key, value in tensors.items()}
     result: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
     for key, down in tensors.items():
-        if ".lora_B." in key:
+        if ".lora_B." in key or (adalora and ".lora_E." in key):
             continue
         if ".lora_A." not in key:
             raise FtkitError(f"Adapter {adapter_dir} holds {key}, which is not a LoRA weight of a linear layer; "
                              "merge it with ftkit merge-lora instead.")
         module = key.split(".lora_A.")[0].removeprefix("base_model.model.")
         up = tensors[key.replace(".lora_A.", ".lora_B.")]
+        if adalora:
+            # peft's SVDLinear adds x (A*E)^T B^T alpha / (init_r + 1e-5): the singular values fold into A, and the
+            # divisor stays the initial rank after pruning (peft keeps ranknum when it resizes to the rank pattern).
+            if down.shape[0] == 0:
+                continue  # every rank of this module was pruned
+            init_r = config.get("init_r", 12)
+            scale = (alpha if alpha > 0 else init_r) / (init_r + 1e-5)
+            result[module] = ((down * tensors[key.replace(".lora_A.", ".lora_E.")]).float(), up.float(), scale)
+            continue
         module_rank = config.get("rank_pattern", {}).get(module.rsplit(".", 1)[-1], down.shape[0])
         module_alpha = config.get("alpha_pattern", {}).get(module.rsplit(".", 1)[-1], alpha)
         scale = module_alpha / (math.sqrt(module_rank) if config.get("use_rslora") else module_rank)
