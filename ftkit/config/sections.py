@@ -183,6 +183,11 @@ class DataSection(IdentitySection):
         True, description="Answer ftkit's held-out general questions before and after training and report "
         "'general answers kept: X/Y'."
     )
+    learned_check: bool = Field(
+        True, description="sft: answer up to 40 sampled training prompts before and after training and report "
+        "'training answers learned: X/Y' (an answer learned says at least half of what its reply says and the "
+        "base model's answer did not)."
+    )
 
     _split_datasets = field_validator("dataset", "eval_dataset", mode="before")(split_names)
 

@@ -197,6 +197,15 @@ def read_conversations(spec: DatasetSpec, options: DataOptions) -> tuple[list[Co
     )
 
 
+def training_conversations(options: DataOptions) -> list[Conversation]:
+    """The training datasets' conversations as they are trained: read, normalised, ``default_system`` added."""
+    conversations: list[Conversation] = []
+    for name in options.dataset:
+        read, _ = read_conversations(resolve_dataset(name, options.dataset_dir), options)
+        conversations.extend(_with_default_system(c, options.default_system) for c in read)
+    return conversations
+
+
 def count_conversations(options: DataOptions) -> int:
     """How many usable conversations the training datasets hold (read and normalised, not encoded)."""
     return sum(read_conversations(resolve_dataset(name, options.dataset_dir), options)[1].kept

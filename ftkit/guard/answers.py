@@ -1,4 +1,4 @@
-"""A model's own answers, generated once and cached: the self-replay set and the held-out general check.
+"""A model's own answers, generated once and cached: the self-replay set, the general and the learned checks.
 
 ``ftkit train`` builds one ``BaseModelAnswers`` around the model it is about to train (loaded lazily, so
 a run whose answers are all cached does not wait on generation) and ``ftkit data preview`` builds one to
@@ -17,6 +17,7 @@ from rich.markup import escape
 
 from ftkit.guard.answer_cache import GENERATION_BATCH, AnswerCache, model_fingerprint
 from ftkit.guard.general_check import HELDOUT_MAX_NEW_TOKENS, GeneralCheck, GeneralResult
+from ftkit.guard.learned_check import LearnedCheck, LearnedItem, LearnedResult, answer_length
 from ftkit.guard.replay import REPLAY_BATCH_FINISHED, REPLAY_MAX_NEW_TOKENS, self_replay
 from ftkit.models.inference import LazyModel
 
@@ -85,16 +86,32 @@ class BaseModelAnswers:
 
     def general_check(self) -> GeneralCheck:
         """The base model's answers to the held-out general questions (from the cache when it has them)."""
-        cache = AnswerCache.open(purpose="general", max_new_tokens=HELDOUT_MAX_NEW_TOKENS, **self.check_identity)
-        model = LazyModel(lambda: self.check_model([]) if self.separate_check else self.base_model())
-        check = GeneralCheck.of_base(cache, self._generate(model, HELDOUT_MAX_NEW_TOKENS, CHECK_BATCH))
-        model.release()  # a separate check model is freed before training starts
-        self.report(f"general check: the base model answers {len(check.base_right)}/{len(check.questions)} "
-                    f"held-out questions right ({escape(check.base_report.summary())})")
-        return check
+        return self.checks_before_training(general=True, learned=[])[0]
 
-    def general_result(self, check: GeneralCheck, model: Any, output_dir: Path) -> GeneralResult:
-        """The trained model's answers to the same questions, compared with the base model's.
+    def checks_before_training(self, *, general: bool, learned: list[LearnedItem]
+                               ) -> tuple[GeneralCheck | None, LearnedCheck | None]:
+        """The base model's answers for the general check (when ``general``) and the learned check (for the
+        sampled training prompts ``learned``), from the cache where it has them, with one model load."""
+        model = LazyModel(lambda: self.check_model([]) if self.separate_check else self.base_model())
+        check = learned_check = None
+        if general:
+            cache = AnswerCache.open(purpose="general", max_new_tokens=HELDOUT_MAX_NEW_TOKENS, **self.check_identity)
+            check = GeneralCheck.of_base(cache, self._generate(model, HELDOUT_MAX_NEW_TOKENS, CHECK_BATCH))
+            self.report(f"general check: the base model answers {len(check.base_right)}/{len(check.questions)} "
+                        f"held-out questions right ({escape(check.base_report.summary())})")
+        if learned:
+            length = answer_length(learned, self.tokenizer)
+            cache = AnswerCache.open(purpose="learned", max_new_tokens=length, **self.check_identity)
+            learned_check = LearnedCheck.of_base(learned, cache, self._generate(model, length, len(learned)),
+                                                 len(learned), length)
+            self.report(f"learned check: {len(learned)} training prompts, base model's answers "
+                        f"({escape(learned_check.base_report.summary())})")
+        model.release()  # a separate check model is freed before training starts
+        return check, learned_check
+
+    def checks_after_training(self, check: GeneralCheck | None, learned: LearnedCheck | None, model: Any,
+                              output_dir: Path) -> tuple[GeneralResult | None, LearnedResult | None]:
+        """The trained model's answers to the same questions and prompts, compared with the base model's.
 
         With a separate check model, the base is loaded again in the check dtype and the adapter just saved
         in ``output_dir`` merged into it (as ``ftkit chat`` does); otherwise the trained ``model`` answers.
@@ -105,10 +122,16 @@ class BaseModelAnswers:
         model_config = getattr(getattr(model, "get_base_model", lambda: model)(), "config", None)
         if model_config is not None:
             model_config.use_cache = True  # off while training with gradient checkpointing
-        trained = check.answer(self._generate(lambda: model, HELDOUT_MAX_NEW_TOKENS, CHECK_BATCH))
-        result = check.compare(trained, self.config.identity_name)
-        self.report(f"{escape(result.summary())} (checked in {time.perf_counter() - started:.0f} s)")
-        return result
+        general_result = learned_result = None
+        if check is not None:
+            trained = check.answer(self._generate(lambda: model, HELDOUT_MAX_NEW_TOKENS, CHECK_BATCH))
+            general_result = check.compare(trained, self.config.identity_name)
+        if learned is not None:
+            trained = learned.answer(self._generate(lambda: model, learned.max_new_tokens, len(learned.items)))
+            learned_result = learned.compare(trained, self.tokenizer)
+        said = [result.summary() for result in (general_result, learned_result) if result is not None]
+        self.report(f"{escape(', '.join(said))} (checked in {time.perf_counter() - started:.0f} s)")
+        return general_result, learned_result
 
 
 def general_check_dtype(device: Any, load_dtype: Any) -> Any:

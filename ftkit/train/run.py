@@ -140,7 +140,8 @@ def _train(loaded: LoadedConfig, folder: RunFolder) -> TrainResult:
             _say(f"[yellow]warning[/]: resuming with changed settings ({escape('; '.join(changed))}); the result will "
                  "not match an uninterrupted run of either config")
 
-    check = answers.general_check() if config.general_check else None
+    learned_items = _learned_check_prompts(config) if config.learned_check and config.stage == "sft" else []
+    check, learned = answers.checks_before_training(general=config.general_check, learned=learned_items)
     model = base_model()
     set_seed(config.seed)  # before the adapter is created: its random init must repeat from run to run
     padding_free = _padding_free(config, model, data.packed)
@@ -166,11 +167,11 @@ def _train(loaded: LoadedConfig, folder: RunFolder) -> TrainResult:
         # Record the base as the user named it (hub id, ms:// id, alias), not the local cache path it resolved
         # to, so the adapter loads on another machine; local directories stay paths.
         base_name = config.model_name_or_path if source.kind in ("hub", "modelscope", "alias") else None
-        return _run(config, folder, trainer, tokenizer, data, answers, check, checkpoint, started,
+        return _run(config, folder, trainer, tokenizer, data, answers, (check, learned), checkpoint, started,
                     base_name=base_name, pissa_initial=pissa_initial)
 
 
-def _run(config: TrainConfig, folder: RunFolder, trainer, tokenizer, data, answers, check, checkpoint,
+def _run(config: TrainConfig, folder: RunFolder, trainer, tokenizer, data, answers, checks, checkpoint,
          started: float, *, base_name: str | None, pissa_initial: Path | None) -> TrainResult:
     """Train, save the final model (and the results), print the summary."""
     output_dir = Path(config.output_dir)
@@ -202,17 +203,30 @@ def _run(config: TrainConfig, folder: RunFolder, trainer, tokenizer, data, answe
 
         plot_loss(output_dir)
     metrics["replay_examples"] = data.replay_examples
-    warning = None
-    if check is not None:
-        result = answers.general_result(check, trainer.model, output_dir)
-        metrics.update(result.metrics())
-        warning = result.warning(config, data.replay_examples)
+    warnings = []
+    if any(c is not None for c in checks):
+        general, learned = answers.checks_after_training(*checks, trainer.model, output_dir)
+        if general is not None:
+            metrics.update(general.metrics())
+            warnings.append(general.warning(config, data.replay_examples))
+        if learned is not None:
+            metrics.update(learned.metrics())
+            warnings.append(learned.warning(config, metrics["global_step"]))
     atomic_write_text(output_dir / RESULTS_FILE, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     folder.finish()
     _print_summary(metrics, output_dir, config)
-    if warning:
+    for warning in filter(None, warnings):
         _say(f"[yellow]warning[/]: {escape(warning)}")
     return TrainResult(output_dir=output_dir, metrics=metrics)
+
+
+def _learned_check_prompts(config: TrainConfig) -> list:
+    """The training prompts the learned check samples (the user's data, before replay and prompt variants)."""
+    from ftkit.data.dataset import training_conversations
+    from ftkit.data.options import DataOptions
+    from ftkit.guard.learned_check import sample_training_prompts
+
+    return sample_training_prompts(training_conversations(DataOptions.from_config(config)), config.seed)
 
 
 def _total_optimizer_steps(config: TrainConfig, data) -> int:
@@ -382,6 +396,8 @@ def _print_summary(metrics: dict[str, Any], output_dir: Path, config: TrainConfi
         parts.append(f"eval loss {metrics['eval_loss']:.4f}")
     if metrics.get("general_answers_base_right"):
         parts.append(f"general answers kept {metrics['general_answers_kept']}/{metrics['general_answers_base_right']}")
+    if metrics.get("learned_checked"):
+        parts.append(f"training answers learned {metrics['learned_answers']}/{metrics['learned_checked']}")
     _say("[green]done[/]: " + ", ".join(parts))
     what = "adapter" if config.uses_lora else "model"
     _say(f"{what}, logs and plot in {escape(str(output_dir))}/")
