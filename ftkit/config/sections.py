@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import types
 from datetime import timedelta
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -229,7 +229,8 @@ class MethodSection(Section):
     finetuning_type: Literal["lora", "qlora", "full", "freeze"] = Field(
         "lora", description="lora | qlora (= lora with quantization_bit 4 by default) | full | freeze."
     )
-    lora_rank: int = Field(8, ge=1, le=1024, description="LoRA rank r.")
+    lora_rank: int = Field(8, ge=1, le=1024, description="LoRA rank r (default 8; 16 in sft on a small set, up "
+                           "to 1,000 examples).")
     lora_alpha: int | None = Field(None, ge=1, description="LoRA alpha (default: 2 x lora_rank).")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     lora_target: LoraTarget = Field(
@@ -374,11 +375,13 @@ class TrainingSection(Section):
     per_device_train_batch_size: int = Field(4, ge=1, le=MAX_BATCH_SIZE, description=BATCH_SIZE_NOTE)
     per_device_eval_batch_size: int = Field(8, ge=1, le=MAX_BATCH_SIZE, description=BATCH_SIZE_NOTE)
     gradient_accumulation_steps: int = Field(1, ge=1)
-    learning_rate: float = Field(1e-4, gt=0, le=1.0)
-    num_train_epochs: float = Field(
-        3.0, gt=0, le=MAX_EPOCHS, description="Passes over the training data (at most a million; max_steps "
-        "sets a step budget instead)."
+    num_train_epochs: Annotated[float, Field(gt=0, le=MAX_EPOCHS)] | Literal["auto"] = Field(
+        "auto", description="Passes over the training data (at most a million; max_steps sets a step budget "
+        "instead). auto: 3, except sft on a small set (up to 1,000 examples), which trains 3 epochs, then 2 more "
+        "at a time (the learning rate restarting) until the learned check passes, at most 9."
     )
+    learning_rate: float = Field(1e-4, gt=0, le=1.0, description="Peak learning rate (default 1e-4; 3e-4 for "
+                                 "a new LoRA adapter in sft on a small set, up to 1,000 examples).")
     max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps (-1: use num_train_epochs).")
     lr_scheduler_type: Literal[
         "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",

@@ -109,6 +109,11 @@ class BaseModelAnswers:
         model.release()  # a separate check model is freed before training starts
         return check, learned_check
 
+    def learned_now(self, learned: LearnedCheck, model: Any) -> LearnedResult:
+        """The learned check asked of ``model`` as it is (the model being trained, mid-run)."""
+        trained = learned.answer(self._generate(lambda: model, learned.max_new_tokens, len(learned.items)))
+        return learned.compare(trained, self.tokenizer)
+
     def checks_after_training(self, check: GeneralCheck | None, learned: LearnedCheck | None, model: Any,
                               output_dir: Path) -> tuple[GeneralResult | None, LearnedResult | None]:
         """The trained model's answers to the same questions and prompts, compared with the base model's.
@@ -127,8 +132,7 @@ class BaseModelAnswers:
             trained = check.answer(self._generate(lambda: model, HELDOUT_MAX_NEW_TOKENS, CHECK_BATCH))
             general_result = check.compare(trained, self.config.identity_name)
         if learned is not None:
-            trained = learned.answer(self._generate(lambda: model, learned.max_new_tokens, len(learned.items)))
-            learned_result = learned.compare(trained, self.tokenizer)
+            learned_result = self.learned_now(learned, model)
         said = [result.summary() for result in (general_result, learned_result) if result is not None]
         self.report(f"{escape(', '.join(said))} (checked in {time.perf_counter() - started:.0f} s)")
         return general_result, learned_result

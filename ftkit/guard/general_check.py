@@ -138,8 +138,9 @@ class GeneralResult:
         causes = []
         if not replay_examples:
             causes.append("no replay (set replay_ratio: 0.5 to mix in the base model's own general answers)")
-        causes.append(f"learning_rate {config.learning_rate:g} or num_train_epochs {config.num_train_epochs:g} too "
-                      "high for this data (try half)")
+        epochs = "auto" if config.num_train_epochs == "auto" else f"{config.num_train_epochs:g}"
+        causes.append(f"learning_rate {config.learning_rate:g} or num_train_epochs {epochs} too high for this data "
+                      "(try half)")
         return (f"the fine-tune lost {self.base_right - self.kept} of {self.base_right} general answers the base "
                 f"model got right; likely cause: {'; or '.join(causes)}. The lost answers are in train_results.json.")
 

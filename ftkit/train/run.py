@@ -134,14 +134,28 @@ def _train(loaded: LoadedConfig, folder: RunFolder) -> TrainResult:
     _say(f"{len(data.train):,} training {layout}, {data.train_tokens:,} tokens"
          + (f"; {len(data.eval):,} eval examples" if data.eval else ""))
 
+    from ftkit.data.dataset import training_conversations
+    from ftkit.data.options import DataOptions
+    from ftkit.guard import guard_applies
+    from ftkit.train.small_sets import small_set_defaults
+
+    conversations = training_conversations(DataOptions.from_config(config)) if config.stage == "sft" else []
+    small = guard_applies(config, len(conversations))
+    config, notes = small_set_defaults(config, small)
+    for note in notes:
+        _say(escape(note))
+
     if checkpoint is not None:
         changed = changed_training_keys(output_dir / RUN_CONFIG_FILE, yaml.safe_load(dump_resolved_config(config)))
         if changed:
             _say(f"[yellow]warning[/]: resuming with changed settings ({escape('; '.join(changed))}); the result will "
                  "not match an uninterrupted run of either config")
 
-    learned_items = _learned_check_prompts(config) if config.learned_check and config.stage == "sft" else []
+    from ftkit.guard.learned_check import sample_training_prompts
+
+    learned_items = sample_training_prompts(conversations, config.seed) if config.learned_check else []
     check, learned = answers.checks_before_training(general=config.general_check, learned=learned_items)
+    epochs, rounds = _plan_epochs(config, data, small, learned is not None)
     model = base_model()
     set_seed(config.seed)  # before the adapter is created: its random init must repeat from run to run
     padding_free = _padding_free(config, model, data.packed)
@@ -151,11 +165,13 @@ def _train(loaded: LoadedConfig, folder: RunFolder) -> TrainResult:
         sum(p.numel() for p in model.parameters()))
     _say(checkpointing.reason)
     model = prepare_model_for_training(model, config, tokenizer=tokenizer, gradient_checkpointing=checkpointing.enabled,
-                                       total_steps=_total_optimizer_steps(config, data))
+                                       total_steps=_total_optimizer_steps(config, data, epochs))
     _say(trainable_parameter_summary(model))
     _describe_lora_variant(config, model)
 
-    trainer = _build_trainer(config, model, tokenizer, data, precision, output_dir, padding_free, user_callbacks)
+    trainer = _build_trainer(config, model, tokenizer, data, precision, output_dir, padding_free, user_callbacks,
+                             epochs)
+    rounds_callback = _attach_rounds(trainer, rounds, answers, learned) if rounds is not None else None
     with tempfile.TemporaryDirectory(prefix="ftkit-pissa-") as scratch:
         pissa_initial = None
         if config.pissa_init and config.pissa_convert:
@@ -168,11 +184,11 @@ def _train(loaded: LoadedConfig, folder: RunFolder) -> TrainResult:
         # to, so the adapter loads on another machine; local directories stay paths.
         base_name = config.model_name_or_path if source.kind in ("hub", "modelscope", "alias") else None
         return _run(config, folder, trainer, tokenizer, data, answers, (check, learned), checkpoint, started,
-                    base_name=base_name, pissa_initial=pissa_initial)
+                    base_name=base_name, pissa_initial=pissa_initial, rounds=rounds_callback)
 
 
 def _run(config: TrainConfig, folder: RunFolder, trainer, tokenizer, data, answers, checks, checkpoint,
-         started: float, *, base_name: str | None, pissa_initial: Path | None) -> TrainResult:
+         started: float, *, base_name: str | None, pissa_initial: Path | None, rounds) -> TrainResult:
     """Train, save the final model (and the results), print the summary."""
     output_dir = Path(config.output_dir)
     # Everything that can be refused has been checked: only now is an earlier run moved aside (deleted once
@@ -189,6 +205,9 @@ def _run(config: TrainConfig, folder: RunFolder, trainer, tokenizer, data, answe
 
     train_output = trainer.train(resume_from_checkpoint=str(checkpoint.path) if checkpoint else None)
     metrics = _final_metrics(trainer, train_output, data, checkpoint, started)
+    if rounds is not None:
+        metrics["auto_epochs"] = round(metrics["epoch"])
+        _say(f"num_train_epochs auto: trained {metrics['auto_epochs']} epochs")
     if data.eval:
         metrics["eval_loss"] = round(_final_eval_loss(trainer), 6)
     if config.adaptive_rank:
@@ -211,7 +230,7 @@ def _run(config: TrainConfig, folder: RunFolder, trainer, tokenizer, data, answe
             warnings.append(general.warning(config, data.replay_examples))
         if learned is not None:
             metrics.update(learned.metrics())
-            warnings.append(learned.warning(config, metrics["global_step"]))
+            warnings.append(learned.warning(config, metrics["global_step"], metrics["epoch"]))
     atomic_write_text(output_dir / RESULTS_FILE, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     folder.finish()
     _print_summary(metrics, output_dir, config)
@@ -220,22 +239,41 @@ def _run(config: TrainConfig, folder: RunFolder, trainer, tokenizer, data, answe
     return TrainResult(output_dir=output_dir, metrics=metrics)
 
 
-def _learned_check_prompts(config: TrainConfig) -> list:
-    """The training prompts the learned check samples (the user's data, before replay and prompt variants)."""
-    from ftkit.data.dataset import training_conversations
-    from ftkit.data.options import DataOptions
-    from ftkit.guard.learned_check import sample_training_prompts
-
-    return sample_training_prompts(training_conversations(DataOptions.from_config(config)), config.seed)
+def _steps_per_epoch(config: TrainConfig, data) -> int:
+    """Optimizer steps per epoch, by the Trainer's own formula (known before it exists)."""
+    batches = math.ceil(len(data.train) / (1 if data.packed else config.per_device_train_batch_size))
+    return max(math.ceil(batches / config.gradient_accumulation_steps), 1)
 
 
-def _total_optimizer_steps(config: TrainConfig, data) -> int:
-    """The optimizer steps the Trainer will run (its own formula), known before it exists: AdaLoRA's schedule."""
+def _total_optimizer_steps(config: TrainConfig, data, epochs: float) -> int:
+    """The optimizer steps the Trainer will run at most: AdaLoRA's schedule."""
     if config.max_steps > 0:
         return config.max_steps
-    batches = math.ceil(len(data.train) / (1 if data.packed else config.per_device_train_batch_size))
-    per_epoch = max(math.ceil(batches / config.gradient_accumulation_steps), 1)
-    return math.ceil(config.num_train_epochs * per_epoch)
+    return math.ceil(epochs * _steps_per_epoch(config, data))
+
+
+def _plan_epochs(config: TrainConfig, data, small: bool, can_check: bool):
+    from ftkit.train.small_sets import FIRST_ROUND_EPOCHS, plan_epochs
+
+    per_epoch = _steps_per_epoch(config, data)
+    warmup = config.warmup_steps or math.ceil(config.warmup_ratio * FIRST_ROUND_EPOCHS * per_epoch)
+    epochs, rounds = plan_epochs(config, small, can_check, per_epoch, warmup)
+    if rounds is not None:
+        _say(f"num_train_epochs auto: {FIRST_ROUND_EPOCHS} epochs, then 2 more at a time until the learned check "
+             f"passes (at most {rounds.ends[-1]}); set num_train_epochs to fix it")
+    return epochs, rounds
+
+
+def _attach_rounds(trainer, rounds, answers, learned):
+    """Round-end learned checks and the restarting learning rate of ``num_train_epochs: auto``."""
+    from ftkit.train.small_sets import LearnedRoundsCallback
+
+    callback = LearnedRoundsCallback(rounds, lambda model: answers.learned_now(learned, model),
+                                     report=lambda message: _say(escape(message)))
+    trainer.add_callback(callback)
+    trainer.lr_lambda = rounds.lr_factor
+    trainer.stop_before_resuming = lambda model, step: rounds.checks_at(step) and callback.passes(model, step)
+    return callback
 
 
 def _describe_lora_variant(config: TrainConfig, model) -> None:
@@ -272,7 +310,7 @@ def _largest_batch_tokens(data, batch_size: int, padding_free: bool) -> int:
 
 
 def _build_trainer(config: TrainConfig, model, tokenizer, data, precision: str, output_dir: Path,
-                   padding_free: bool, user_callbacks: list):
+                   padding_free: bool, user_callbacks: list, epochs: float):
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -291,7 +329,7 @@ def _build_trainer(config: TrainConfig, model, tokenizer, data, precision: str, 
             per_device_train_batch_size=1 if data.packed else config.per_device_train_batch_size,
             per_device_eval_batch_size=config.per_device_eval_batch_size,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
-            learning_rate=config.learning_rate, num_train_epochs=config.num_train_epochs, max_steps=config.max_steps,
+            learning_rate=config.learning_rate, num_train_epochs=epochs, max_steps=config.max_steps,
             lr_scheduler_type=config.lr_scheduler_type, warmup_steps=warmup, weight_decay=config.weight_decay,
             max_grad_norm=config.max_grad_norm, optim=config.optim,
             logging_steps=config.logging_steps, save_strategy=config.save_strategy, save_steps=config.save_steps,

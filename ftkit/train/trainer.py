@@ -13,6 +13,8 @@
    ends mid-epoch).
 6. LoRA+ builds the optimizer with peft's parameter groups, and AdaLoRA's orthogonality penalty is added to
    the loss here (``ftkit.train.lora_variants``: the chunked loss never runs peft's forward, which adds it).
+7. ``num_train_epochs: auto`` brings its own learning-rate function (restarting each round) and may end a run
+   resumed at a round end before it trains on (``ftkit.train.small_sets``).
 Everything else (optimizer, scheduler, accumulation, RNG state, resume, data skipping) is the Trainer's.
 """
 
@@ -85,6 +87,10 @@ class FtkitTrainer(Trainer):
         self._staging = False
         self._earlier_loss_sum: float | None = 0.0  # loss summed over the steps before a resumed checkpoint
         self._chunked_loss = supports_chunked_loss(self.model)
+        # num_train_epochs: auto (ftkit.train.small_sets): the learning rate as a function of the step, and whether
+        # a run resumed at a round end stops there (its round-end check passes).
+        self.lr_lambda = None
+        self.stop_before_resuming = None
         # compute_loss divides by the trained tokens of the whole accumulation window (num_items_in_batch),
         # so the Trainer must count them and must not divide by the accumulation steps again.
         self.model_accepts_loss_kwargs = True
@@ -108,6 +114,9 @@ class FtkitTrainer(Trainer):
             # Resumed from the last step (killed while writing the final model): nothing is left to train. The
             # Trainer would still enter the epoch loop and run one step too many when max_steps ends mid-epoch.
             return num_train_epochs, 0
+        step = self.state.global_step
+        if step and self.stop_before_resuming is not None and self.stop_before_resuming(self.model, step):
+            return num_train_epochs, 0  # the run had ended at this round end (killed before its final save)
         return epochs_trained, steps_trained
 
     def _loss_sum_so_far(self) -> float | None:
@@ -134,6 +143,13 @@ class FtkitTrainer(Trainer):
         self.optimizer = loraplus_optimizer(self.model if model is None else model, self.args, ratio=ratio,
                                             embedding_lr=embedding_lr)
         return self.optimizer
+
+    def create_scheduler(self, num_training_steps, optimizer=None):
+        if self.lr_lambda is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, self.lr_lambda)
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
 
     # -- sampling -------------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):

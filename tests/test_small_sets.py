@@ -1,0 +1,95 @@
+"""Defaults that learn a small dataset: lr/rank filled where unset, ``num_train_epochs: auto`` in rounds that stop
+when the learned check passes, and the learned check's warning on an under-trained run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from ftkit.config import TrainConfig, load_stage_config
+from ftkit.errors import FtkitError
+from ftkit.train.callbacks import read_log
+from ftkit.train.run import run_training
+from ftkit.train.small_sets import EpochRounds, plan_epochs, small_set_defaults
+
+
+def config(**keys) -> TrainConfig:
+    return load_stage_config(TrainConfig, None, {"dataset": "identity", "output_dir": "out", **keys}).config
+
+
+def test_small_set_lora_runs_get_lr_3e_4_and_rank_16_where_the_config_is_silent():
+    filled, notes = small_set_defaults(config(), small=True)
+    assert (filled.learning_rate, filled.lora_rank, filled.resolved_lora_alpha) == (3e-4, 16, 32)
+    assert notes == ["small-set defaults: learning_rate 0.0003, lora_rank 16 (set them to override)"]
+    mine, notes = small_set_defaults(config(learning_rate=5e-5), small=True)
+    assert (mine.learning_rate, mine.lora_rank) == (5e-5, 16) and "learning_rate" not in notes[0]
+    assert small_set_defaults(config(), small=False)[0].learning_rate == 1e-4  # a large set keeps the old ones
+    assert small_set_defaults(config(finetuning_type="full"), small=True)[0].learning_rate == 1e-4
+    assert small_set_defaults(config(adapter_name_or_path="a"), small=True)[0].lora_rank == 8  # its own rank
+
+
+def test_auto_epochs_are_3_for_large_sets_and_rounds_up_to_9_for_small_ones():
+    assert plan_epochs(config(num_train_epochs=2), True, True, 10, 0) == (2.0, None)
+    assert plan_epochs(config(), False, True, 10, 0) == (3.0, None)
+    assert plan_epochs(config(), True, False, 10, 0) == (3.0, None)  # learned_check off: nothing to ask
+    assert plan_epochs(config(max_steps=7), True, True, 10, 0) == (3.0, None)
+    epochs, rounds = plan_epochs(config(), True, True, 10, 0)
+    assert epochs == 9.0 and rounds.ends == [3, 5, 7, 9] and rounds.end_steps == [30, 50, 70, 90]
+    assert [step for step in range(100) if rounds.checks_at(step)] == [30, 50, 70]
+    with pytest.raises(FtkitError, match="supports lr_scheduler_type cosine, linear, constant, constant_with_warmup; "
+                                         "set num_train_epochs to a number to use polynomial"):
+        plan_epochs(config(lr_scheduler_type="polynomial"), True, True, 10, 0)
+
+
+def test_the_learning_rate_warms_up_once_then_anneals_within_each_round_and_restarts():
+    rounds = EpochRounds(steps_per_epoch=10, warmup_steps=4, schedule="cosine")
+    factors = [rounds.lr_factor(step) for step in range(90)]
+    assert factors[:4] == [0.0, 0.25, 0.5, 0.75] and factors[4] == 1.0
+    assert factors[29] < 0.01 and factors[30] == 1.0 and factors[49] < 0.01 and factors[50] == 1.0
+    assert factors[40] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert rounds.lr_factor(90) == 0.0
+    linear = EpochRounds(steps_per_epoch=10, warmup_steps=0, schedule="linear")
+    assert [linear.lr_factor(s) for s in (0, 15, 30, 40)] == [1.0, 0.5, 1.0, 0.5]
+
+
+def test_num_train_epochs_takes_auto_or_a_number_and_nothing_else():
+    assert config().num_train_epochs == "auto" and config(num_train_epochs=2.5).num_train_epochs == 2.5
+    with pytest.raises(FtkitError, match="num_train_epochs"):
+        config(num_train_epochs="lots")
+
+
+def tiny_run(tiny_llama_dir, tmp_path, capsys, **keys):
+    """The tiny random model on a dataset it can learn in a few steps: every reply the same short sentence."""
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": f"Question number {i}?", "output": "Blue sky."} for i in range(16)]),
+                    encoding="utf-8")
+    run = {"model_name_or_path": str(tiny_llama_dir), "dataset": str(data), "output_dir": str(tmp_path / "out"),
+           "per_device_train_batch_size": 8, "cutoff_len": 64, "logging_steps": 1, "save_strategy": "no",
+           "seed": 0, "replay_ratio": 0, "general_check": False, "plot_loss": False, **keys}
+    result = run_training(load_stage_config(TrainConfig, None, run))
+    return result.metrics, capsys.readouterr().err
+
+
+def test_auto_epochs_stop_at_the_first_round_end_whose_learned_check_passes(tiny_llama_dir, tmp_path, capsys):
+    metrics, err = tiny_run(tiny_llama_dir, tmp_path, capsys, learning_rate=1e-2)
+    assert "num_train_epochs auto: 3 epochs, then 2 more at a time" in err
+    assert "small-set defaults: lora_rank 16" in err  # the learning rate was given
+    assert "epoch 3: training answers learned: 16/16: stopping (num_train_epochs: auto)" in err, err
+    assert metrics["auto_epochs"] == 3 and metrics["global_step"] == 6
+    assert (metrics["learned_answers"], metrics["learned_checked"]) == (16, 16)
+    assert "warning" not in err
+    rates = [record["learning_rate"] for record in read_log(tmp_path / "out") if "learning_rate" in record]
+    assert rates[-1] < 1e-3  # annealed within the round before stopping
+
+
+def test_an_under_trained_run_warns_and_names_the_cause(tiny_llama_dir, tmp_path, capsys):
+    metrics, err = tiny_run(tiny_llama_dir, tmp_path, capsys, learning_rate=1e-5, num_train_epochs=1)
+    assert metrics["learned_answers"] == 0 and metrics["learned_checked"] == 16
+    assert "training answers learned: 0/16" in err
+    warning = " ".join(err[err.index("warning"):].split())
+    assert "answers only 0 of 16 sampled training prompts the way the data does" in warning
+    assert "only 2 optimizer steps (raise num_train_epochs, now 1)" in warning
+    assert "learning_rate 1e-05 is low for LoRA (try 3e-4)" in warning
+    assert len(metrics["learned_answers_missed"]) == 16
