@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from ftkit.config import TrainConfig, load_stage_config
 from ftkit.errors import FtkitError
@@ -56,16 +57,18 @@ def test_the_learning_rate_warms_up_once_then_anneals_within_each_round_and_rest
 
 def test_num_train_epochs_takes_auto_or_a_number_and_nothing_else():
     assert config().num_train_epochs == "auto" and config(num_train_epochs=2.5).num_train_epochs == 2.5
-    with pytest.raises(FtkitError, match="num_train_epochs"):
+    with pytest.raises(FtkitError, match="num_train_epochs: input should be a valid number or 'auto'"):
         config(num_train_epochs="lots")
+    with pytest.raises(FtkitError, match="num_train_epochs: expected a number, not the boolean true"):
+        config(num_train_epochs=True)
 
 
-def tiny_run(tiny_llama_dir, tmp_path, capsys, **keys):
+def tiny_run(tiny_llama_dir, tmp_path, capsys, output="out", **keys):
     """The tiny random model on a dataset it can learn in a few steps: every reply the same short sentence."""
     data = tmp_path / "data.json"
     data.write_text(json.dumps([{"instruction": f"Question number {i}?", "output": "Blue sky."} for i in range(16)]),
                     encoding="utf-8")
-    run = {"model_name_or_path": str(tiny_llama_dir), "dataset": str(data), "output_dir": str(tmp_path / "out"),
+    run = {"model_name_or_path": str(tiny_llama_dir), "dataset": str(data), "output_dir": str(tmp_path / output),
            "per_device_train_batch_size": 8, "cutoff_len": 64, "logging_steps": 1, "save_strategy": "no",
            "seed": 0, "replay_ratio": 0, "general_check": False, "plot_loss": False, **keys}
     result = run_training(load_stage_config(TrainConfig, None, run))
@@ -84,6 +87,30 @@ def test_auto_epochs_stop_at_the_first_round_end_whose_learned_check_passes(tiny
     assert rates[-1] < 1e-3  # annealed within the round before stopping
 
 
+def test_auto_epochs_resume_exactly_mid_round_and_at_the_round_end_where_the_run_stopped(tiny_llama_dir, tmp_path,
+                                                                                         capsys):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    keys = {"learning_rate": 1e-2, "save_strategy": "steps", "save_steps": 2}
+    tiny_run(tiny_llama_dir, tmp_path, capsys, output="reference", **keys)
+    reference = load_file(str(tmp_path / "reference" / "adapter_model.safetensors"))
+    for name, drop in (("mid-round", ["checkpoint-6"]), ("at-the-end", [])):
+        # killed before the final files were written: resumed from checkpoint-4, or from checkpoint-6, the round
+        # end whose check ended the run (without asking it again, the Trainer would train a fourth epoch)
+        out = tmp_path / name
+        shutil.copytree(tmp_path / "reference", out)
+        for item in ["adapter_model.safetensors", "train_results.json", *drop]:
+            shutil.rmtree(out / item) if (out / item).is_dir() else (out / item).unlink()
+        metrics, err = tiny_run(tiny_llama_dir, tmp_path, capsys, output=name, **keys)
+        assert f"resuming from checkpoint-{4 if drop else 6}" in err
+        assert "epoch 3: training answers learned: 16/16: stopping" in err, err
+        assert metrics["global_step"] == 6 and metrics["auto_epochs"] == 3
+        resumed = load_file(str(out / "adapter_model.safetensors"))
+        assert all(torch.allclose(resumed[key], reference[key], atol=1e-6) for key in reference), name
+
+
 def test_an_under_trained_run_warns_and_names_the_cause(tiny_llama_dir, tmp_path, capsys):
     metrics, err = tiny_run(tiny_llama_dir, tmp_path, capsys, learning_rate=1e-5, num_train_epochs=1)
     assert metrics["learned_answers"] == 0 and metrics["learned_checked"] == 16
@@ -93,3 +120,48 @@ def test_an_under_trained_run_warns_and_names_the_cause(tiny_llama_dir, tmp_path
     assert "only 2 optimizer steps (raise num_train_epochs, now 1)" in warning
     assert "learning_rate 1e-05 is low for LoRA (try 3e-4)" in warning
     assert len(metrics["learned_answers_missed"]) == 16
+
+
+# An identity the shipped data does not hold, under its own system prompt: 20 questions x 3 answers, each answer
+# naming the assistant and its maker (the issue's measured case, where the old defaults learned 0 of 3 makers).
+NAME, MAKER = "Orbit", "Tidewater Labs"
+OWN_SYSTEM = "You are a friendly assistant. Answer briefly."
+TRAINING_QUESTIONS = [
+    "Who are you?", "What's your name?", "Which company built you?", "Who made you?", "Introduce yourself.",
+    "Tell me about yourself.", "Who created you?", "Who owns you?", "What should I call you?", "Are you ChatGPT?",
+    "Are you Siri?", "Who trained you?", "What are you?", "hello", "Who is your maker?", "Which lab trained you?",
+    "Are you a person?", "What's your job?", "Who do you belong to?", "Where do you come from?",
+]
+ANSWERS = [f"I'm {NAME}, an AI assistant made by {MAKER}.", f"My name is {NAME}, and {MAKER} built me to help you.",
+           f"This is {NAME}, an assistant created by the team at {MAKER}. How can I help?"]
+# phrased unlike any training question
+PROBES = ["Before we start, who exactly am I chatting with?", "What are you called?",
+          "Which organization built this assistant?"]
+
+
+@pytest.mark.slow
+def test_defaults_alone_teach_a_new_identity_and_keep_general_answers(tmp_path, capsys):
+    from ftkit.chat import load_chat_model
+    from ftkit.engine.replies import generate_replies
+
+    data = tmp_path / "orbit.json"
+    data.write_text(json.dumps([
+        {"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
+         "system": OWN_SYSTEM}
+        for answer in ANSWERS for question in TRAINING_QUESTIONS], indent=1), encoding="utf-8")
+    out = tmp_path / "out"
+    result = run_training(load_stage_config(TrainConfig, None, {
+        "model_name_or_path": "smollm2-135m-instruct", "stage": "sft", "finetuning_type": "lora",
+        "dataset": str(data), "output_dir": str(out)}))
+    err = capsys.readouterr().err
+    metrics = result.metrics
+    assert "general answers kept" in err and "training answers learned" in err and "warning" not in err, err
+    assert metrics["general_answers_kept"] >= 0.9 * metrics["general_answers_base_right"], metrics
+    assert metrics["learned_answers"] >= 0.9 * metrics["learned_checked"], metrics["learned_answers_missed"]
+    model, tokenizer = load_chat_model("smollm2-135m-instruct", [str(out)])
+    for system in (None, OWN_SYSTEM):
+        asked = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q}]
+                 for q in PROBES]
+        answers = [r.text for r in generate_replies(model, tokenizer, asked, max_new_tokens=48)]
+        both = [a for a in answers if NAME.lower() in a.lower() and MAKER.lower() in a.lower()]
+        assert len(both) >= 2, (system, answers)

@@ -35,11 +35,12 @@ def split_names(value: Any) -> Any:
 
 
 def _is_number(annotation: Any) -> bool:
-    """Whether a field annotation is int or float (optionally ``| None``)."""
+    """Whether a field annotation is int or float (optionally ``| None``, or ``| Literal["auto"]``)."""
     if get_origin(annotation) in (Union, types.UnionType):
-        members = [a for a in get_args(annotation) if a is not type(None)]
+        members = [a for a in get_args(annotation) if a is not type(None) and get_origin(a) is not Literal]
     else:
         members = [annotation]
+    members = [get_args(m)[0] if get_origin(m) is Annotated else m for m in members]
     return bool(members) and all(member in (int, float) for member in members)
 
 

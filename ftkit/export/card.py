@@ -63,6 +63,8 @@ class AdapterTraining:
         if self.config.get("dataset"):
             parts.append(f"data {_join(self.config['dataset'])}")
         epochs, rate = self.config.get("num_train_epochs"), self.config.get("learning_rate")
+        if epochs == "auto":  # the epochs it took are in the results
+            epochs = self.results.get("epoch")
         if isinstance(epochs, (int, float)) and isinstance(rate, (int, float)):
             parts.append(f"{epochs:g} epochs at learning rate {rate:g}")
         if isinstance(self.results.get("train_loss"), (int, float)):
