@@ -165,3 +165,30 @@ def test_defaults_alone_teach_a_new_identity_and_keep_general_answers(tmp_path, 
         answers = [r.text for r in generate_replies(model, tokenizer, asked, max_new_tokens=48)]
         both = [a for a in answers if NAME.lower() in a.lower() and MAKER.lower() in a.lower()]
         assert len(both) >= 2, (system, answers)
+
+
+def test_auto_epochs_stop_when_a_round_learns_nothing_more_and_resume_knows_the_earlier_rounds(tiny_llama_dir,
+                                                                                                tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    keys = {"learning_rate": 1e-5, "save_strategy": "steps", "save_steps": 2}
+    metrics, err = tiny_run(tiny_llama_dir, tmp_path, capsys, **keys)
+    assert "epoch 3: training answers learned: 0/16: 2 more epochs, learning rate restarted" in err
+    assert "epoch 5: training answers learned: 0/16, no more than after the last round: stopping" in err
+    assert metrics["auto_epochs"] == 5 and metrics["global_step"] == 10
+    rates = {record["step"]: record["learning_rate"] for record in read_log(tmp_path / "out")}
+    assert rates[6] < 1e-6 and rates[7] == pytest.approx(1e-5)  # annealed to the round end, restarted after
+    warning = " ".join(err[err.index("warning"):].split())
+    assert "num_train_epochs: auto trained 5; set a number" in warning
+    # killed in round 2: the resumed run knows round 1's count from checkpoint-8 and stops where this one did
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "out", resumed_dir)
+    for item in ("adapter_model.safetensors", "train_results.json", "checkpoint-10"):
+        shutil.rmtree(resumed_dir / item) if (resumed_dir / item).is_dir() else (resumed_dir / item).unlink()
+    resumed, err = tiny_run(tiny_llama_dir, tmp_path, capsys, output="resumed", **keys)
+    assert "resuming from checkpoint-8" in err and "no more than after the last round: stopping" in err
+    assert resumed["global_step"] == 10
+    reference, again = (load_file(str(d / "adapter_model.safetensors")) for d in (tmp_path / "out", resumed_dir))
+    assert all(torch.allclose(again[key], reference[key], atol=1e-6) for key in reference)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ftkit.guard.answer_cache import AnswerCache, Generate, GenerationReport
-from ftkit.guard.replay import read_prompts
+from ftkit.guard.replay import DEFAULT_REPLAY_RATIO, read_prompts
 
 HELDOUT_MAX_NEW_TOKENS = 24  # only the first sentence is judged
 WARN_BELOW = 0.9  # kept fraction under which a run warns: more than one in ten lost
@@ -136,8 +136,11 @@ class GeneralResult:
         if not self.base_right or self.fraction >= WARN_BELOW:
             return None
         causes = []
+        ratio = config.replay_ratio if config.replay_ratio is not None else DEFAULT_REPLAY_RATIO
         if not replay_examples:
             causes.append("no replay (set replay_ratio: 0.5 to mix in the base model's own general answers)")
+        elif ratio < 1:
+            causes.append(f"too little replay for this data (replay_ratio {ratio:g}; try 1)")
         epochs = "auto" if config.num_train_epochs == "auto" else f"{config.num_train_epochs:g}"
         causes.append(f"learning_rate {config.learning_rate:g} or num_train_epochs {epochs} too high for this data "
                       "(try half)")

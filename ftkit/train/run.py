@@ -273,6 +273,8 @@ def _attach_rounds(trainer, rounds, answers, learned):
     trainer.add_callback(callback)
     trainer.lr_lambda = rounds.lr_factor
     trainer.stop_before_resuming = lambda model, step: rounds.checks_at(step) and callback.passes(model, step)
+    trainer.rounds_state = lambda: {str(step): learned for step, learned in callback.learned.items()}
+    trainer.restore_rounds = lambda saved: callback.learned.update({int(k): int(v) for k, v in saved.items()})
     return callback
 
 

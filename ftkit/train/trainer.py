@@ -8,7 +8,8 @@
 3. Length-grouped sampling is seeded per epoch (the Trainer's uses the global RNG, which breaks
    bit-exact resume); real (non-padding) tokens are counted for tokens/s.
 4. Each checkpoint records the sum of the step losses so far (``ftkit_state.json``), so a resumed run
-   reports the same train_loss as an uninterrupted one (the Trainer averages only the resumed steps).
+   reports the same train_loss as an uninterrupted one (the Trainer averages only the resumed steps), and the
+   learned counts of ``num_train_epochs: auto``'s round ends, which decide when it stops.
 5. A run resumed from its last step trains no further (the Trainer runs one extra step when max_steps
    ends mid-epoch).
 6. LoRA+ builds the optimizer with peft's parameter groups, and AdaLoRA's orthogonality penalty is added to
@@ -91,6 +92,8 @@ class FtkitTrainer(Trainer):
         # a run resumed at a round end stops there (its round-end check passes).
         self.lr_lambda = None
         self.stop_before_resuming = None
+        self.rounds_state = None  # () -> the round-end learned counts so far, saved in each checkpoint
+        self.restore_rounds = None  # (those counts) -> None, on resume
         # compute_loss divides by the trained tokens of the whole accumulation window (num_items_in_batch),
         # so the Trainer must count them and must not divide by the accumulation steps again.
         self.model_accepts_loss_kwargs = True
@@ -102,6 +105,8 @@ class FtkitTrainer(Trainer):
         if isinstance(resume_from_checkpoint, (str, os.PathLike)):
             try:
                 state = json.loads((Path(resume_from_checkpoint) / LOSS_STATE_FILE).read_text(encoding="utf-8"))
+                if self.restore_rounds is not None:
+                    self.restore_rounds(state.get("auto_epoch_learned") or {})
                 self._earlier_loss_sum = float(state["loss_sum"])
             except (OSError, ValueError, KeyError, TypeError):
                 self._earlier_loss_sum = None  # a checkpoint from elsewhere: only the resumed steps are known
@@ -215,9 +220,12 @@ class FtkitTrainer(Trainer):
             return
         name = f"checkpoint-{self.state.global_step}"
         loss_sum = self._loss_sum_so_far()
-        if loss_sum is not None:
+        if loss_sum is not None or self.rounds_state is not None:
+            state = {"global_step": self.state.global_step, "loss_sum": loss_sum}
+            if self.rounds_state is not None:
+                state["auto_epoch_learned"] = self.rounds_state()
             with open(os.path.join(staging, name, LOSS_STATE_FILE), "w", encoding="utf-8") as f:
-                json.dump({"global_step": self.state.global_step, "loss_sum": loss_sum}, f)
+                json.dump(state, f)
         save_adalora_state(self.model, Path(staging) / name)
         final = os.path.join(run_dir, name)
         if os.path.exists(final):  # from an earlier process (killed mid-way, or resumed from an earlier step)
