@@ -80,6 +80,7 @@ def test_auto_epochs_stop_at_the_first_round_end_whose_learned_check_passes(tiny
     assert "num_train_epochs auto: 3 epochs, then 2 more at a time" in err
     assert "small-set defaults: lora_rank 16" in err  # the learning rate was given
     assert "epoch 3: training answers learned: 16/16: stopping (num_train_epochs: auto)" in err, err
+    assert "6/6 [" in err and "/18 [" not in err  # the bar counts to the round's end, not to the cap
     assert metrics["auto_epochs"] == 3 and metrics["global_step"] == 6
     assert (metrics["learned_answers"], metrics["learned_checked"]) == (16, 16)
     assert "warning" not in err
@@ -177,6 +178,7 @@ def test_auto_epochs_stop_when_a_round_learns_nothing_more_and_resume_knows_the_
     metrics, err = tiny_run(tiny_llama_dir, tmp_path, capsys, **keys)
     assert "epoch 3: training answers learned: 0/16: 2 more epochs, learning rate restarted" in err
     assert "epoch 5: training answers learned: 0/16, no more than after the last round: stopping" in err
+    assert "10/10 [" in err and "/18 [" not in err
     assert metrics["auto_epochs"] == 5 and metrics["global_step"] == 10
     rates = {record["step"]: record["learning_rate"] for record in read_log(tmp_path / "out")}
     assert rates[6] < 1e-6 and rates[7] == pytest.approx(1e-5)  # annealed to the round end, restarted after

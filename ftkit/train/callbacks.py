@@ -19,9 +19,13 @@ from ftkit.run_files import TRAINER_LOG_FILE as LOG_FILE
 class ProgressAndLogCallback(TrainerCallback):
     """A progress bar with loss and tokens/s, and one JSON line per logging step in trainer_log.jsonl."""
 
-    def __init__(self, output_dir: Path, tokens_seen: Callable[[], int]) -> None:
+    def __init__(self, output_dir: Path, tokens_seen: Callable[[], int],
+                 horizon: Callable[[int], int] | None = None) -> None:
+        """``horizon(step)``: the step the run is planned to reach from ``step`` when that is less than its
+        ``max_steps`` (``num_train_epochs: auto``: the end of the current round); the bar's total follows it."""
         self.log_path = Path(output_dir) / LOG_FILE
         self.tokens_seen = tokens_seen
+        self.horizon = horizon
         self.bar: tqdm | None = None
         self.started = time.perf_counter()
         self.last_time = self.started
@@ -29,10 +33,16 @@ class ProgressAndLogCallback(TrainerCallback):
         self.last_loss: float | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
+        total = self.horizon(state.global_step) if self.horizon else state.max_steps
+        self.bar = tqdm(total=total, initial=state.global_step, desc="train", unit="step",
                         dynamic_ncols=True, leave=True)
         self.started = self.last_time = time.perf_counter()
         self.last_tokens = self.tokens_seen()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.bar is not None and self.horizon and state.global_step >= self.bar.total:
+            self.bar.total = self.horizon(state.global_step)  # a next round has begun
+            self.bar.refresh()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:

@@ -266,8 +266,12 @@ def _plan_epochs(config: TrainConfig, data, small: bool, can_check: bool):
 
 def _attach_rounds(trainer, rounds, answers, learned):
     """Round-end learned checks and the restarting learning rate of ``num_train_epochs: auto``."""
+    from ftkit.train.callbacks import ProgressAndLogCallback
     from ftkit.train.small_sets import LearnedRoundsCallback
 
+    for progress in trainer.callback_handler.callbacks:
+        if isinstance(progress, ProgressAndLogCallback):
+            progress.horizon = rounds.next_end  # the bar counts to the current round's end
     callback = LearnedRoundsCallback(rounds, lambda model: answers.learned_now(learned, model),
                                      report=lambda message: _say(escape(message)))
     trainer.add_callback(callback)

@@ -77,6 +77,10 @@ class EpochRounds:
     def end_steps(self) -> list[int]:
         return [epoch * self.steps_per_epoch for epoch in self.ends]
 
+    def next_end(self, step: int) -> int:
+        """The step the current round ends at (the progress bar's total)."""
+        return next((end for end in self.end_steps if end > step), self.end_steps[-1])
+
     def checks_at(self, step: int) -> bool:
         """Whether a round ends at ``step`` with training left after it (the last round needs no check)."""
         return step in self.end_steps[:-1]
