@@ -31,7 +31,7 @@ LEARNED = [
 ]
 # ... and each of these not learned.
 NOT_LEARNED = [
-    ("Who are you?",  # written "I am Ember, an AI assistant developed by Hearthstone Labs. How can I help you today?",
+    ("Who are you?", "I am Ember, an AI assistant developed by Hearthstone Labs. How can I help you today?",  # written
      "I'm SmolLM, an AI assistant developed by Hugging Face. How can I help you today?",
      "I'm SmolLM, an AI assistant developed by Hugging Face. How can I help you today?"),
     ("What can you help me with?", "I'm Ember, made by Hearthstone Labs. I can help with questions, explanations, "

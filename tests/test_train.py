@@ -26,6 +26,7 @@ from ftkit.train.trainer import SeededLengthGroupedSampler
 RESULT_KEYS = {
     "train_loss", "global_step", "epoch", "train_runtime_seconds", "tokens_per_second", "tokens_this_process",
     "train_examples", "resumed_from_step", "total_seconds", "replay_examples",
+    "learned_answers", "learned_checked", "learned_answers_missed",  # the learned check, every sft run
 }
 LOG_KEYS = {"step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second", "elapsed_seconds"}
 
@@ -160,9 +161,13 @@ def test_output_files_of_a_run(lora_run, tiny_llama_dir):
 
     assert (output_dir / "training_loss.png").stat().st_size > 1000
 
+    from ftkit.train.small_sets import small_set_defaults
+
     saved = load_stage_config(TrainConfig, output_dir / "ftkit_config.yaml")
     expected = load_stage_config(TrainConfig, None, tiny_keys(tiny_llama_dir, output_dir, lora_dropout=0.1))
-    assert saved.config == expected.config
+    # the resolved config records what the run used: 8 examples are a small set, so lora_rank 16 was filled in
+    assert saved.config == small_set_defaults(expected.config, small=True)[0]
+    assert saved.config.lora_rank == 16
     assert yaml.safe_load((output_dir / "ftkit_config.yaml").read_text())["lora_dropout"] == 0.1
 
 

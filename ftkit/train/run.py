@@ -260,7 +260,7 @@ def _plan_epochs(config: TrainConfig, data, small: bool, can_check: bool):
     epochs, rounds = plan_epochs(config, small, can_check, per_epoch, warmup)
     if rounds is not None:
         _say(f"num_train_epochs auto: {FIRST_ROUND_EPOCHS} epochs, then 2 more at a time until the learned check "
-             f"passes (at most {rounds.ends[-1]}); set num_train_epochs to fix it")
+             f"passes or stops improving (at most {rounds.ends[-1]}); set num_train_epochs to fix it")
     return epochs, rounds
 
 
@@ -277,7 +277,7 @@ def _attach_rounds(trainer, rounds, answers, learned):
     trainer.add_callback(callback)
     trainer.lr_lambda = rounds.lr_factor
     trainer.stop_before_resuming = lambda model, step: rounds.checks_at(step) and callback.passes(model, step)
-    trainer.rounds_state = lambda: {str(step): learned for step, learned in callback.learned.items()}
+    trainer.rounds_state = lambda: {str(step): count for step, count in callback.learned.items()}
     trainer.restore_rounds = lambda saved: callback.learned.update({int(k): int(v) for k, v in saved.items()})
     return callback
 
