@@ -36,6 +36,7 @@ def test_auto_epochs_are_3_for_large_sets_and_rounds_up_to_9_for_small_ones():
     assert plan_epochs(config(), False, True, 10, 0) == (3.0, None)
     assert plan_epochs(config(), True, False, 10, 0) == (3.0, None)  # learned_check off: nothing to ask
     assert plan_epochs(config(max_steps=7), True, True, 10, 0) == (3.0, None)
+    assert plan_epochs(config(adaptive_rank=True), True, True, 10, 0) == (3.0, None)  # pruning needs the length
     epochs, rounds = plan_epochs(config(), True, True, 10, 0)
     assert epochs == 9.0 and rounds.ends == [3, 5, 7, 9] and rounds.end_steps == [30, 50, 70, 90]
     assert [step for step in range(100) if rounds.checks_at(step)] == [30, 50, 70]

@@ -15,7 +15,8 @@ not set take these values:
   of 40 at epochs 3, 5 and 7, and the epochs up to the cap of 9 only cost general answers (18/21). Otherwise
   another ``ROUND_EPOCHS`` epochs follow, at most ``MAX_AUTO_EPOCHS`` in all. The learning rate follows ``lr_scheduler_type`` within each round
   and restarts at the next (warm restarts, as in SGDR), so a run that stops at a round end has annealed.
-  Elsewhere ``auto`` means ``OTHER_EPOCHS``.
+  Elsewhere ``auto`` means ``OTHER_EPOCHS``, and so it does with AdaLoRA (``adaptive_rank``), whose rank
+  pruning is scheduled over the run's length before it starts.
 
 Explicit values always win. A round's length never depends on what a check said, so the schedule is a function of
 the step alone, and resume stays exact. A run resumed exactly at a round end runs that round's check again before
@@ -114,8 +115,8 @@ def plan_epochs(config: Any, small: bool, can_check: bool, steps_per_epoch: int,
     ``can_check``: the learned check runs (``learned_check`` on, stage sft); without it ``auto`` is OTHER_EPOCHS."""
     if config.num_train_epochs != "auto":
         return float(config.num_train_epochs), None
-    if not (small and can_check) or config.max_steps > 0:
-        return OTHER_EPOCHS, None
+    if not (small and can_check) or config.max_steps > 0 or config.adaptive_rank:
+        return OTHER_EPOCHS, None  # AdaLoRA's pruning schedule needs the run's length up front
     if config.lr_scheduler_type not in ROUND_SCHEDULES:
         raise FtkitError(f"num_train_epochs: auto restarts the learning rate at each round and supports "
                          f"lr_scheduler_type {', '.join(ROUND_SCHEDULES)}; set num_train_epochs to a number to use "
