@@ -13,8 +13,9 @@ not set take these values:
   at least ``PASS`` of the answers are learned, training stops there. It also stops when a round learned no more
   answers than the round before: measured on an identity set with twice the replay, the check read 33, 35 and 34
   of 40 at epochs 3, 5 and 7, and the epochs up to the cap of 9 only cost general answers (18/21). Otherwise
-  another ``ROUND_EPOCHS`` epochs follow, at most ``MAX_AUTO_EPOCHS`` in all. The learning rate follows ``lr_scheduler_type`` within each round
-  and restarts at the next (warm restarts, as in SGDR), so a run that stops at a round end has annealed.
+  another ``ROUND_EPOCHS`` epochs follow, at most ``MAX_AUTO_EPOCHS`` in all. The learning rate follows
+  ``lr_scheduler_type`` within each round and restarts at the next (warm restarts, as in SGDR), so a run that
+  stops at a round end has annealed.
   Elsewhere ``auto`` means ``OTHER_EPOCHS``, and so it does with AdaLoRA (``adaptive_rank``), whose rank
   pruning is scheduled over the run's length before it starts.
 
