@@ -151,9 +151,10 @@ def _read_lora_weights(adapter_dir: Path) -> dict[str, tuple[torch.Tensor, torch
     tensors = _load_tensors(adapter_dir)
     alpha = config.get("lora_alpha", 8)
     adalora = config.get("peft_type") == "ADALORA"
-    if adalora:  # AdaLoRA saves bare parameters ("....q_proj.lora_A"); LoRA's keys go on with ".weight"
-        tensors = {f"{key}." if key.endswith((".lora_A", ".lora_B", ".lora_E")) else key: value
-                   for key, value in tensors.items()}
+    if adalora:
+        from ftkit.models import adapter_key_with_marker_dot
+
+        tensors = {adapter_key_with_marker_dot(key): value for key, value in tensors.items()}
     result: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
     for key, down in tensors.items():
         if ".lora_B." in key or (adalora and ".lora_E." in key):

@@ -46,7 +46,12 @@ from ftkit.models.precision import (
     resolve_load_dtype,
     resolve_mixed_precision,
 )
-from ftkit.models.saved_adapters import attach_adapter, check_adapter_matches, load_adapters
+from ftkit.models.saved_adapters import (
+    adapter_key_with_marker_dot,
+    attach_adapter,
+    check_adapter_matches,
+    load_adapters,
+)
 from ftkit.models.source import (
     ModelSource,
     adapter_base_name,
@@ -59,6 +64,7 @@ from ftkit.models.source import (
 )
 
 __all__ = [
+    "adapter_key_with_marker_dot",
     "EMBEDDED_ALIAS",
     "InferenceModel",
     "LazyModel",

@@ -162,7 +162,7 @@ def _adapter_tensor_shapes(adapter_dir: Path) -> dict[str, list[int]]:
 
 def _shape_problem(key: str, shape: tuple[int, ...], modules: dict[str, nn.Module], params: dict[str, nn.Parameter]) -> str | None:
     """What does not fit between one saved adapter tensor and the base model (None when it fits)."""
-    key = _with_marker_dot(key)
+    key = adapter_key_with_marker_dot(key)
     marker = next((m for m in _LORA_KEY_MARKERS if m in key), None)
     if marker is None:  # a modules_to_save copy or a resized embedding: a plain base parameter
         param = params.get(key)
@@ -185,7 +185,7 @@ def _shape_problem(key: str, shape: tuple[int, ...], modules: dict[str, nn.Modul
     return None
 
 
-def _with_marker_dot(key: str) -> str:
+def adapter_key_with_marker_dot(key: str) -> str:
     """AdaLoRA's ``....q_proj.lora_A`` as LoRA's ``....q_proj.lora_A.`` (``.weight`` follows in LoRA)."""
     return key + "." if key.endswith(_ADALORA_KEY_ENDINGS) else key
 
@@ -210,7 +210,7 @@ def _grow_embeddings_for_adapter(model: nn.Module, shapes: dict[str, tuple[int, 
 
 def _rank_problem(key: str, shape: tuple[int, ...], modules: dict[str, nn.Module]) -> str | None:
     """A LoRA rank above min(inputs, outputs) of its layer is no low-rank update of it."""
-    key = _with_marker_dot(key)
+    key = adapter_key_with_marker_dot(key)
     if ".lora_A." not in key and ".lora_embedding_A" not in key:
         return None
     module_name = key.split(".lora_A." if ".lora_A." in key else ".lora_embedding_A")[0]
