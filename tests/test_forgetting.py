@@ -176,6 +176,20 @@ def test_self_replay_uses_finished_answers_and_generates_each_prompt_once(home):
     assert AnswerCache.open(model="other", template="t").answers == {}
 
 
+def test_replayed_answers_do_not_depend_on_which_run_filled_the_cache_first(home):
+    """Which answers finish, and in bf16 their words, depend on the batch a prompt was generated in; a small
+    run that filled the cache first once changed what a later run of another size replayed."""
+    def batch_dependent(conversations):
+        return [Reply(f"{len(conversations)}: {c[-1]['content']}", [1], (i + len(conversations)) % 3 == 0)
+                for i, c in enumerate(conversations)]
+
+    small_first = AnswerCache.open(model="m")
+    self_replay(3, small_first, batch_dependent)
+    after_small, _ = self_replay(40, small_first, batch_dependent)
+    alone, _ = self_replay(40, AnswerCache.open(model="other"), batch_dependent)
+    assert after_small == alone and len(alone) == 40
+
+
 def test_a_damaged_answer_cache_line_is_regenerated_not_trusted(home):
     cache = AnswerCache.open(model="m")
     cache.fill(["a", "b"], CountingGenerator(finished_every=1), desc="test")

@@ -19,7 +19,7 @@ from typing import Any
 from ftkit.data.formats import Conversation
 from ftkit.paths import atomic_write_text, ftkit_home
 
-ANSWER_CACHE_VERSION = 2  # 2: answers generated on the inference engine
+ANSWER_CACHE_VERSION = 3  # 2: answers generated on the inference engine; 3: replay in fixed batches
 GENERATION_BATCH = 96  # decoding a 135M model on a CPU is overhead-bound: wide batches are nearly free
 
 Generate = Callable[[Sequence[Conversation]], list[Any]]  # conversations -> replies with .text/.token_ids/.finished

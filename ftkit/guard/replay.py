@@ -33,7 +33,6 @@ DEFAULT_REPLAY_RATIO = 0.5  # replay examples per training example when replay i
 # Measured on the identity quickstart (bench/README.md): answers up to 48 tokens kept 20/21 general answers
 # where answers up to 128 tokens kept 18/21, the same as no replay. Unfinished answers are not replayed.
 REPLAY_MAX_NEW_TOKENS = 48
-FINISHED_SHARE = 0.25  # about a quarter of the shipped prompts get an answer within REPLAY_MAX_NEW_TOKENS
 # A static batch runs until its longest answer ends; the replay set only needs finished answers, so a batch
 # stops once this share of it has finished.
 REPLAY_BATCH_FINISHED = 0.5
@@ -98,9 +97,11 @@ def self_replay(count: int, cache: AnswerCache, generate: Generate | None
     """``count`` conversations of a shipped prompt and the base model's finished answer to it.
 
     Prompts are taken in ``replay_prompt_order``. Answers that hit ``REPLAY_MAX_NEW_TOKENS`` (mostly
-    loops) or were cut when their batch stopped (``REPLAY_BATCH_FINISHED``) are skipped. Each batch is
-    sized for the answers still missing (about ``FINISHED_SHARE`` of a batch finishes), so a run that needs
-    20 answers does not generate 320. With ``generate`` None only cached answers are used.
+    loops) or were cut when their batch stopped (``REPLAY_BATCH_FINISHED``) are skipped. Answers are
+    generated in fixed batches of that order (its first ``GENERATION_BATCH`` prompts, then the next), never
+    in batches sized for one run: which answers finish, and in bf16 their very words, depend on the batch a
+    prompt is in, so a run of any size replays the same answers whichever run filled the cache first. With
+    ``generate`` None only cached answers are used.
     """
     order = replay_prompt_order()
 
@@ -109,14 +110,11 @@ def self_replay(count: int, cache: AnswerCache, generate: Generate | None
         return answer is not None and answer.finished and bool(answer.text.strip())
 
     report = GenerationReport()
-    position = 0
-    while generate is not None and position < len(order):
-        missing = count - sum(usable(p) for p in order[:position])
-        if missing <= 0:
+    for start in range(0, len(order) if generate is not None else 0, GENERATION_BATCH):
+        if sum(usable(p) for p in order[:start]) >= count:
             break
-        size = min(GENERATION_BATCH, round(missing / FINISHED_SHARE) + 8)
-        report.merge(cache.fill(order[position:position + size], generate, desc="replay answers", batch_size=size))
-        position += size
+        report.merge(cache.fill(order[start:start + GENERATION_BATCH], generate, desc="replay answers",
+                                batch_size=GENERATION_BATCH))
     chosen = [p for p in order if usable(p)][:count]
     if generate is None:
         report.cached = len(chosen)
