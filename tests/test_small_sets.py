@@ -142,8 +142,8 @@ PROBES = ["Before we start, who exactly am I chatting with?", "What are you call
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue 19 is open: passed in 3 of 5 runs; one clean run kept 18/21 general "
-                   "answers, one run on a contended machine failed too (see the issue's note)")
+@pytest.mark.xfail(strict=False, reason="issue 19 is open: with the default seed this run keeps 20/21 general "
+                   "answers, but seeds 1 and 2 keep 18/21 (bench/README.md), so the 9-in-10 bar is not yet met")
 def test_defaults_alone_teach_a_new_identity_and_keep_general_answers(tmp_path, capsys):
     from ftkit.chat import load_chat_model
     from ftkit.engine.replies import generate_replies
@@ -162,9 +162,9 @@ def test_defaults_alone_teach_a_new_identity_and_keep_general_answers(tmp_path, 
     assert "general answers kept" in err and "training answers learned" in err
     assert "sampled training prompts the way the data does" not in err, err  # no learned-check warning
     assert metrics["learned_answers"] >= 0.9 * metrics["learned_checked"], metrics["learned_answers_missed"]
-    # Issue 19 asks for 9 in 10 general answers kept and no warning at all: two clean runs kept 19-20 of 21, a
-    # third 18 (the general check moves by about 2 of 21 between runs: replay answers cached by other tests
-    # differ with their batches). Until that holds every time, this asserts what does: at least 8 in 10.
+    # Issue 19 asks for 9 in 10 general answers kept and no warning at all. The replay is fixed now (the same
+    # answers whichever test filled the cache), and with seed 0 this run keeps 20/21; seeds 1 and 2 keep 18/21.
+    # Until 9 in 10 holds for every seed, this asserts what does: at least 8 in 10.
     assert metrics["general_answers_kept"] >= 0.8 * metrics["general_answers_base_right"], metrics
     model, tokenizer = load_chat_model("smollm2-135m-instruct", [str(out)])
     for system in (None, OWN_SYSTEM):
