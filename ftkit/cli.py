@@ -316,6 +316,27 @@ def quantize(
     run_quantize(loaded.config)
 
 
+@app.command()
+def estimate(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    gpus: Annotated[int, typer.Option("--gpus", min=1, help="Devices per node.")] = 1,
+    gpu_memory: Annotated[float | None, typer.Option("--gpu-memory", min=0.001, help="Memory of one device in GB "
+                                                     "(10^9 bytes); marks which plans fit.")] = None,
+    nodes: Annotated[int, typer.Option("--nodes", min=1, help="Nodes (machines).")] = 1,
+    cpu: Annotated[bool, typer.Option("--cpu", help="Plan a run on CPU processes instead of GPUs.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Memory per device for this training config: weights, gradients, optimizer states and activations under
+    no sharding, ZeRO-1/2/3 and CPU offload, for full, freeze, LoRA and QLoRA (reads config.json only)."""
+    from ftkit.config import TrainConfig, load_stage_config
+
+    loaded = load_stage_config(TrainConfig, config, list(overrides or []))
+    from ftkit.estimate import run_estimate
+
+    run_estimate(loaded.config, gpus=gpus, nodes=nodes, gpu_memory_gb=gpu_memory, cpu=cpu, as_json=as_json)
+
+
 @data_app.command("list")
 def data_list(
     dataset_dir: Annotated[str, typer.Option(help="Folder holding dataset_info.json.")] = "data",

@@ -7,15 +7,16 @@ activations fit both in a fifth of the training device's free memory and in thre
 fp32 weights (so a run's memory stays below a full fine-tune's fp32 weights and Adam state, four
 times the weights), and says which way it decided.
 
-The estimate follows Korthikanti et al. (2022), "Reducing Activation Recomputation in Large Transformer
-Models": per token and layer a transformer stores about 7·hidden + 2.5·intermediate values (34·h bytes
-at 16 bits with a 4·h MLP); we count 4 bytes per value, since CPU autocast keeps many of them in fp32.
+The activation estimate is the planner's (``ftkit.models.memory``, also behind ``ftkit estimate``), at 4 bytes
+a value, since CPU autocast keeps many of them in fp32.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from ftkit.models.memory import activation_bytes
 
 SHARE_OF_FREE_MEMORY = 0.2
 WEIGHT_MULTIPLE = 3
@@ -25,16 +26,6 @@ WEIGHT_MULTIPLE = 3
 class CheckpointingDecision:
     enabled: bool
     reason: str
-
-
-def activation_bytes(model_config: Any, tokens_per_batch: int) -> int:
-    """Approximate bytes of activations a forward pass keeps for backward, without checkpointing."""
-    config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    hidden = int(getattr(config, "hidden_size", 0) or 0)
-    layers = int(getattr(config, "num_hidden_layers", 0) or 0)
-    intermediate = int(getattr(config, "intermediate_size", 0) or 4 * hidden)
-    values_per_token_layer = 7 * hidden + 2.5 * intermediate
-    return int(values_per_token_layer * 4 * tokens_per_batch * layers)
 
 
 def free_memory_bytes(device_type: str) -> int:
