@@ -7,8 +7,9 @@ activations fit both in a fifth of the training device's free memory and in thre
 fp32 weights (so a run's memory stays below a full fine-tune's fp32 weights and Adam state, four
 times the weights), and says which way it decided.
 
-The activation estimate is the planner's (``ftkit.models.memory``, also behind ``ftkit estimate``), at 4 bytes
-a value, since CPU autocast keeps many of them in fp32.
+The activation estimate is the planner's (``ftkit.models.memory``, also behind ``ftkit estimate``), counted at 4
+bytes a value on purpose: CPU autocast keeps some values in fp32, and erring high only costs checkpointing's
+third more compute, where erring low runs out of memory (bf16 runs on CPU measured about 2 bytes a value).
 """
 
 from __future__ import annotations
