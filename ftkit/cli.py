@@ -49,8 +49,10 @@ def _load(schema_name: str, config: Path | None, overrides: list[str] | None):
 
     checks = (_dataset_problems, _model_problems) if schema_name == "train" else ()
     loaded = load_stage_config(STAGE_SCHEMAS[schema_name], config, list(overrides or []), checks=checks)
-    for note in loaded.notes:
-        console.print(f"[dim]note: {escape(note)}[/]", soft_wrap=True)
+    # The launcher of a multi-process run has said them; its processes (and ranks above 0 of any launch) do not.
+    if int(os.environ.get("RANK", "0") or 0) == 0 and not os.environ.get("FTKIT_LAUNCHED"):
+        for note in loaded.notes:
+            console.print(f"[dim]note: {escape(note)}[/]", soft_wrap=True)
     return loaded
 
 
@@ -110,9 +112,13 @@ def train(config: ConfigArg, overrides: OverridesArg = None) -> None:
     model, train_results.json, trainer_log.jsonl, training_loss.png and the resolved config there.
     """
     loaded = _load("train", config, overrides)
-    from ftkit.train import run_training
+    from ftkit.train import launch_training, run_training
+    from ftkit.train.launch import wants_launch
 
-    run_training(loaded)
+    if wants_launch(loaded.config):
+        launch_training(loaded, ["train", str(config), *(overrides or [])])
+    else:
+        run_training(loaded)
 
 
 @app.command()
@@ -386,11 +392,15 @@ def main() -> None:
     # CUDA-only extensions (mxfp8, cutlass) do not load on a CPU, and torch that torchao registers enums the
     # old way. Neither is about the user's run.
     logging.getLogger("torchao").setLevel(logging.ERROR)
+    # DeepSpeed's ZeRO calls a collective torch has renamed, once per step in every process.
+    warnings.filterwarnings("ignore", message="`torch.distributed.* is deprecated", category=FutureWarning)
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     try:
         status = app(standalone_mode=False)
     except FtkitError as err:
-        console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
+        process = f" (training process {os.environ['RANK']})" if "LOCAL_RANK" in os.environ and "RANK" in os.environ \
+            else ""
+        console.print(f"[bold red]error{process}:[/] {escape(str(err))}", soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")

@@ -172,7 +172,7 @@ def test_several_mistakes_are_reported_together_in_file_order(tmp_path):
         "output_dir: out\n"  # 6
         "bf16: true\n"  # 7
         "fp16: true\n"  # 8
-        "deepspeed: ds_z3.json\n",  # 9
+        "fsdp_config: {version: 2}\n",  # 9
     )
     with pytest.raises(FtkitError) as caught:
         load_stage_config(TrainConfig, path)
@@ -183,8 +183,8 @@ def test_several_mistakes_are_reported_together_in_file_order(tmp_path):
         f"{path}:4: lora_rank: input should be greater than or equal to 1 (got 0)",
         f"{path}:5: learning_rate: input should be a valid number, unable to parse string as a number (got 'abc')",
         f"{path}:8: bf16 and fp16 are both on; choose one mixed-precision mode.",
-        f"{path}:9: deepspeed: multi-device training is not available in this ftkit version yet; remove the key "
-        "to train on one device.",
+        f"{path}:9: fsdp_config has no effect without fsdp; set fsdp (for example fsdp: full_shard) or remove "
+        "fsdp_config.",
     ]
 
 
@@ -305,9 +305,9 @@ def test_bad_override_value_is_reported_from_the_command_line(tmp_path):
          "quantization_bit 8 cannot be used with finetuning_type freeze: quantized weights cannot be updated; use "
          "finetuning_type lora (QLoRA) or remove quantization_bit."),
         (["bf16=true", "fp16=true"], "bf16 and fp16 are both on; choose one mixed-precision mode."),
-        (["deepspeed=ds_z3.json"],
-         "deepspeed: multi-device training is not available in this ftkit version yet; remove the key to train on "
-         "one device."),
+        (["deepspeed=ds_z3.json", "fsdp=full_shard"],
+         "deepspeed and fsdp are both set; they are two ways of sharding a run, choose one."),
+        (["nnodes=2", "node_rank=2"], "node_rank 2 is not below nnodes 2; number the nodes 0 to 1."),
         (["finetuning_type=full", "adapter_name_or_path=saves/lora"],
          "adapter_name_or_path continues LoRA training and needs finetuning_type lora, not full; merge the adapter "
          "first (ftkit merge-lora) to fine-tune the merged model fully."),

@@ -19,7 +19,7 @@ SCHEMA_FIELDS = set(TrainConfig.model_fields) | set(MergeConfig.model_fields)
 TYPE_NAMES = {"bool", "int", "float", "str", "list", "dict"}
 
 # ---- LLaMA-Factory's own example configs, verbatim but for the model, template and dataset ------------
-# (and the deepspeed line of the full fine-tune: ftkit refuses multi-device training for now).
+# (LLaMA-Factory's deepspeed paths resolve to ftkit's shipped configs where the file is not there).
 
 # examples/train_lora/llama3_lora_sft.yaml
 LORA_SFT = """\
@@ -162,7 +162,7 @@ eval_strategy: steps
 eval_steps: 500
 """
 
-# examples/train_full/llama3_full_sft.yaml, without its deepspeed line
+# examples/train_full/llama3_full_sft.yaml
 FULL_SFT = """\
 ### model
 model_name_or_path: smollm2-135m-instruct
@@ -172,6 +172,7 @@ trust_remote_code: true
 stage: sft
 do_train: true
 finetuning_type: full
+deepspeed: examples/deepspeed/ds_z3_config.json
 
 ### dataset
 dataset: identity
@@ -491,7 +492,8 @@ def test_every_foreign_key_at_its_default_is_accepted_with_a_note(tmp_path, sche
         (LORA_SFT, set(), {"finetuning_type": "lora", "lora_target": ["all"], "quantization_bits": None}),
         (QLORA_BNB_SFT, {"save_only_model"}, {"quantization_bits": 4, "double_quantization": False}),
         (QLORA_OTFQ_SFT, set(), {"quantization_method": "bitsandbytes", "val_size": 0.1, "eval_strategy": "steps"}),
-        (FULL_SFT, set(), {"finetuning_type": "full", "learning_rate": 1e-5, "gradient_accumulation_steps": 2}),
+        (FULL_SFT, set(), {"finetuning_type": "full", "learning_rate": 1e-5, "gradient_accumulation_steps": 2,
+                           "deepspeed": "examples/deepspeed/ds_z3_config.json"}),
         (QWEN3_LORA_SFT, {"save_only_model"}, {"dataloader_num_workers": 4, "resume_from_checkpoint": None}),
         (
             LORA_SFT_RAY,

@@ -305,7 +305,7 @@ def test_resume_from_an_incomplete_checkpoint_is_refused(tiny_llama_dir, tmp_pat
     for name in ("adapter_model.safetensors", "trainer_state.json", "optimizer.pt", "scheduler.pt"):
         (checkpoint / name).write_text("x")
     message = refused(tiny_keys(tiny_llama_dir, tmp_path), {"resume_from_checkpoint": str(checkpoint)})
-    assert message == (f"resume_from_checkpoint {checkpoint} is incomplete (missing rng_state.pth); pick an "
+    assert message == (f"resume_from_checkpoint {checkpoint} cannot be resumed (rng_state.pth missing); pick an "
                        "earlier checkpoint.")
 
 

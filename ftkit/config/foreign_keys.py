@@ -80,7 +80,10 @@ def _refused(note: str, default: Any = None) -> ForeignKey:
 
 # ---- notes shared by a family of keys ---------------------------------------------------------------
 
-_MULTI_DEVICE = "multi-device training is not available in this ftkit version yet; remove the key to train on one device."
+_MULTI_DEVICE = ("ftkit spreads a run over devices with deepspeed: (ZeRO 0-3, offload) or fsdp: (full or gradient "
+                 "sharding), data parallel; use one of those keys instead.")
+_PIPELINE = ("ftkit does not pipeline layers across devices (the model would need cutting into stages); "
+             "deepspeed: ds_z3 or fsdp: full_shard split a model with no rewrite.")
 _TEXT_ONLY = "ignored: ftkit trains text-only models, so image, video and audio settings have no effect."
 _MULTIMODAL_FREEZE = "ignored: ftkit trains text-only models, which have no vision tower or multimodal projector."
 _NEW_TOKENS = "ftkit does not add tokens to the tokenizer or resize embeddings; use a model whose vocabulary has them."
@@ -296,11 +299,11 @@ FOREIGN_KEYS: dict[str, ForeignKey] = {
     "use_llama_pro": _refused("ftkit does not expand blocks (LLaMA Pro); to train chosen layers only, use finetuning_type: freeze.", False),
     "use_adam_mini": _refused(_OWN_OPTIMIZERS, False),
     "use_muon": _refused(_OWN_OPTIMIZERS, False),
-    "use_mca": _refused("ftkit does not train with Megatron-Core; training runs on transformers on one device.", False),
-    "use_megatron_bridge": _refused("ftkit does not train with Megatron Bridge; training runs on transformers on one device.", False),
+    "use_mca": _refused("ftkit does not train with Megatron-Core; training runs on transformers, with DeepSpeed or FSDP across devices.", False),
+    "use_megatron_bridge": _refused("ftkit does not train with Megatron Bridge; training runs on transformers, with DeepSpeed or FSDP across devices.", False),
     "use_hyper_parallel": _refused(_MULTI_DEVICE, False),
-    "hyper_parallel_args": _ignored("ignored: only used with use_hyper_parallel; multi-device training is not available yet."),
-    "hyper_parallel_cp_size": _ignored("ignored: only used with use_hyper_parallel; multi-device training is not available yet.", 1),
+    "hyper_parallel_args": _ignored("ignored: only used with use_hyper_parallel, which ftkit refuses."),
+    "hyper_parallel_cp_size": _ignored("ignored: only used with use_hyper_parallel, which ftkit refuses.", 1),
     "use_dft_loss": _refused(_STANDARD_LOSS, False),
     "use_asft_loss": _refused(_STANDARD_LOSS, False),
     "asft_alpha": _ignored("ignored: only used with use_asft_loss, which ftkit does not support.", 0.1),
@@ -344,8 +347,6 @@ FOREIGN_KEYS: dict[str, ForeignKey] = {
     "resources_per_worker": _ignored(_RAY, {"GPU": 1}),
     "placement_strategy": _ignored(_RAY, "PACK"),
     "ray_init_kwargs": _ignored(_RAY),
-    "master_addr": _ignored("ignored: a multi-process rendezvous address; multi-device training is not available yet."),
-    "master_port": _ignored("ignored: a multi-process rendezvous port; multi-device training is not available yet."),
     "enable_torch_profiler": _ignored("ignored: ftkit has no built-in torch profiler.", False),
     "profiler_output_dir": _ignored(_PROFILER),
     "profiler_wait_steps": _ignored(_PROFILER, 1),
@@ -393,13 +394,11 @@ FOREIGN_KEYS: dict[str, ForeignKey] = {
         "random",
     ),
     "length_column_name": _ignored("ignored: ftkit measures example lengths for group_by_length itself.", "length"),
-    "fsdp": _refused(_MULTI_DEVICE),
-    "fsdp_config": _refused(_MULTI_DEVICE),
     "do_eval": _ignored(
         "accepted; ftkit evaluates whenever there is an eval set (val_size or eval_dataset), on the eval_strategy schedule.", False
     ),
     "do_predict": _refused("ftkit train does not generate predictions; generating on a test set belongs to ftkit evaluate.", False),
-    "local_rank": _ignored("ignored: set by a multi-process launcher, not the config; ftkit trains in one process for now.", -1),
+    "local_rank": _ignored("ignored: set by the multi-process launcher that ftkit train starts itself (nproc_per_node, nnodes).", -1),
     "sortish_sampler": _ignored("ignored: transformers no longer uses it (it only ever applied to seq2seq models).", False),
     "predict_with_generate": _refused(
         "ftkit's evaluation during training computes loss only (LLaMA-Factory refuses it while training too); "
@@ -416,8 +415,9 @@ FOREIGN_KEYS: dict[str, ForeignKey] = {
     "fp16_backend": _ignored(_AMP, "auto"),
     "half_precision_backend": _ignored(_AMP, "auto"),
     "fp16_opt_level": _ignored("ignored: an apex setting; transformers 5 always uses torch autocast.", "O1"),
-    "fsdp_min_num_params": _refused(_MULTI_DEVICE, 0),
-    "fsdp_transformer_layer_cls_to_wrap": _refused(_MULTI_DEVICE),
+    "fsdp_min_num_params": _refused("transformers 5 reads it from fsdp_config: write fsdp_config: {min_num_params: N}.", 0),
+    "fsdp_transformer_layer_cls_to_wrap": _refused(
+        "transformers 5 reads it from fsdp_config: write fsdp_config: {transformer_layer_cls_to_wrap: [ClassName]}.", None),
     "include_inputs_for_metrics": _ignored(_NO_METRICS, False),
     "include_tokens_per_second": _ignored("ignored: removed in transformers 5; include_num_input_tokens_seen counts tokens instead.", False),
     "jit_mode_eval": _ignored("ignored: removed in transformers 5 (TorchScript evaluation).", False),
@@ -430,7 +430,11 @@ FOREIGN_KEYS: dict[str, ForeignKey] = {
     "ray_scope": _ignored("ignored: a Ray Tune hyperparameter-search setting; ftkit does not run hyperparameter searches.", "last"),
     "save_safetensors": _refused("ftkit always saves safetensors; .bin checkpoints are not supported.", True),
     "torchdynamo": _ignored("ignored: removed from transformers; use torch_compile: true with torch_compile_backend."),
-    "tp_size": _refused(_MULTI_DEVICE, 0),
+    "tp_size": _refused("tensor parallelism (tp_plan) is not wired into ftkit train; deepspeed: ds_z3 or fsdp: "
+                        "full_shard split a model too big for one device.", 0),
+
+    "pipeline_parallel_size": _refused(_PIPELINE, 1),
+    "pipeline_model_parallel_size": _refused(_PIPELINE, 1),
     "tpu_metrics_debug": _ignored("ignored: ftkit does not train on TPUs.", False),
     "tpu_num_cores": _ignored("ignored: ftkit does not train on TPUs."),
     "use_ipex": _ignored("ignored: ftkit does not use Intel Extension for PyTorch (transformers 5 dropped this option).", False),
@@ -507,7 +511,7 @@ TRAINING_ARGUMENT_TYPES: dict[str, str] = {
     "dataloader_prefetch_factor": "int",
     "dataloader_multiprocessing_context": "str",
     "dataloader_in_order": "bool",
-    # distributed data parallel (no effect in one process; ready for multi-device)
+    # distributed data parallel (nproc_per_node > 1, deepspeed, fsdp)
     "ddp_find_unused_parameters": "bool",
     "ddp_bucket_cap_mb": "int",
     "ddp_broadcast_buffers": "bool",

@@ -413,7 +413,24 @@ class TrainingSection(Section):
         None, description="A checkpoint directory, or false to start over; by default the last complete checkpoint "
         "in output_dir is resumed."
     )
-    deepspeed: str | None = Field(None, description="DeepSpeed config file (multi-device training).")
+    deepspeed: str | None = Field(
+        None, description="DeepSpeed config: a JSON file, or a shipped one by name (ds_z0, ds_z2, ds_z2_offload, ds_z3, "
+        "ds_z3_offload); `auto` values are filled from this config. Trains in nproc_per_node processes."
+    )
+    fsdp: str | None = Field(
+        None, description="PyTorch FSDP: a YAML file holding fsdp and fsdp_config, a shipped one by name (full_shard, "
+        "full_shard_offload, shard_grad_op), or transformers' option string (e.g. 'full_shard auto_wrap')."
+    )
+    fsdp_config: dict[str, Any] | None = Field(None, description="transformers' fsdp_config, with fsdp as a string.")
+    nproc_per_node: int | None = Field(
+        None, ge=1, le=1024, description="Processes per node (default: the GPUs visible; required without GPUs)."
+    )
+    nnodes: int = Field(1, ge=1, le=4096, description="Nodes in the run (each runs `ftkit train` with its node_rank).")
+    node_rank: int = Field(0, ge=0, description="This node's number, 0 to nnodes - 1; node 0 hosts the rendezvous.")
+    master_addr: str = Field("127.0.0.1", description="Address of node 0, reachable from every node.")
+    master_port: int | None = Field(
+        None, ge=1, le=65535, description="Rendezvous port on node 0 (default: a free port on one node, 29500 on several)."
+    )
     report_to: list[Literal["none", "tensorboard", "wandb", "swanlab", "mlflow", "trackio", "comet_ml", "clearml"]] = Field(
         default_factory=lambda: ["none"], description="none | tensorboard | wandb (comma-separated for several)."
     )
@@ -460,6 +477,14 @@ class TrainingSection(Section):
             found.append(("fp16", "bf16 and fp16 are both on; choose one mixed-precision mode."))
         if "none" in self.report_to and len(self.report_to) > 1:
             found.append(("report_to", "report_to lists 'none' together with a logger; keep one or the other."))
+        if self.deepspeed and self.fsdp:
+            found.append(("fsdp", "deepspeed and fsdp are both set; they are two ways of sharding a run, choose one."))
+        if self.fsdp_config is not None and not self.fsdp:
+            found.append(("fsdp_config", "fsdp_config has no effect without fsdp; set fsdp (for example fsdp: "
+                          "full_shard) or remove fsdp_config."))
+        if self.node_rank >= self.nnodes:
+            found.append(("node_rank", f"node_rank {self.node_rank} is not below nnodes {self.nnodes}; number the "
+                          f"nodes 0 to {self.nnodes - 1}."))
         if not self.do_train:
             found.append(("do_train", "do_train: false has nothing to do in `ftkit train`; remove the key."))
         return found

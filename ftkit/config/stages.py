@@ -70,9 +70,6 @@ class TrainConfig(TrainingSection, MethodSection, DataSection, ModelSection):
             found.append(("quantization_bit", f"quantization_bit {self.quantization_bit} cannot be used with "
                           f"finetuning_type {self.finetuning_type}: quantized weights cannot be updated; use "
                           "finetuning_type lora (QLoRA) or remove quantization_bit."))
-        if self.deepspeed is not None:
-            found.append(("deepspeed", "deepspeed: multi-device training is not available in this ftkit version "
-                          "yet; remove the key to train on one device."))
         if self.stage == "pt" and (self.train_on_prompt or self.mask_history):
             key = "train_on_prompt" if self.train_on_prompt else "mask_history"
             found.append((key, f"{key} only applies to stage sft; pre-training trains on every token."))

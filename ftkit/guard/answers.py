@@ -119,11 +119,17 @@ class BaseModelAnswers:
         """The trained model's answers to the same questions and prompts, compared with the base model's.
 
         With a separate check model, the base is loaded again in the check dtype and the adapter just saved
-        in ``output_dir`` merged into it (as ``ftkit chat`` does); otherwise the trained ``model`` answers.
+        in ``output_dir`` merged into it (as ``ftkit chat`` does), or the full model saved there is loaded;
+        otherwise the trained ``model`` answers.
         """
         started = time.perf_counter()
-        if self.separate_check:
+        if self.separate_check and self.config.uses_lora:
             model = self.check_model([str(output_dir)])
+        elif self.separate_check:  # a full or freeze fine-tune: the saved model itself
+            from ftkit.models import load_for_inference
+
+            model = load_for_inference(str(output_dir), [], dtype=self.check_dtype, device=self.device,
+                                       options=self.options.full_precision(), tokenizer=self.tokenizer).model
         model_config = getattr(getattr(model, "get_base_model", lambda: model)(), "config", None)
         if model_config is not None:
             model_config.use_cache = True  # off while training with gradient checkpointing

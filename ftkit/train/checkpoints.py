@@ -4,6 +4,10 @@ The HF Trainer writes checkpoints in place and ``get_last_checkpoint`` trusts th
 folder, so a run killed mid-save resumes from a broken checkpoint. ftkit's trainer writes each
 checkpoint into a staging folder and renames it into place (``FtkitTrainer._save_checkpoint``), and
 this module additionally checks a checkpoint holds everything exact resume needs before using it.
+Each checkpoint also gets a manifest written last (``ftkit_checkpoint.json``: every file's size and
+SHA-256, and how many processes of which engine saved it), so a shard that went missing or was cut short
+later (a copy between machines, a full disk on shared storage) is found before resuming, and the run falls
+back to the previous complete checkpoint with a message instead of loading it half-way.
 
 Which files are ftkit's: a run records what it wrote in a manifest (``.ftkit-run.json``, written when
 the run starts and when it finishes). In a folder with a manifest, the recorded names and the names a
@@ -18,9 +22,11 @@ These checks need no heavy imports: they run before any model is loaded.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +44,7 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STAGING_DIR = ".ftkit-staging"
 FINAL_STAGING_DIR = ".ftkit-final"  # where run.py assembles the final model before moving it into place
 RESULTS_FILE = RUN_RESULTS_FILE
+CHECKPOINT_MANIFEST = "ftkit_checkpoint.json"  # inside checkpoint-N: its files' sizes and checksums, written last
 MANIFEST_FILE = ".ftkit-run.json"  # what the run in this folder wrote
 LOCK_FILE = ".ftkit-lock"  # the process training into this folder (ftkit.train.output_lock)
 PREVIOUS_RUN_DIR = ".ftkit-previous"  # an overwritten run, kept until the new one has started
@@ -66,9 +73,62 @@ class Checkpoint:
 
 
 def is_complete_checkpoint(path: Path) -> bool:
-    """A checkpoint folder with weights and every file exact resume needs."""
-    has_weights = any((path / name).is_file() for name in _WEIGHT_FILES) or any(path.glob("model-*.safetensors"))
-    return has_weights and all((path / name).is_file() for name in RESUME_FILES)
+    """A checkpoint folder with weights and every file exact resume needs (sizes checked, not checksums)."""
+    return checkpoint_problem(path, verify_checksums=False) is None
+
+
+def checkpoint_problem(path: Path, *, verify_checksums: bool) -> str | None:
+    """What is wrong with checkpoint folder ``path`` (None when it can be resumed).
+
+    With a manifest, every file it lists must be there with its size (and, with ``verify_checksums``, its
+    SHA-256); a checkpoint from before manifests needs weights and ``RESUME_FILES``."""
+    manifest = read_checkpoint_manifest(path)
+    if manifest is None:
+        if (path / CHECKPOINT_MANIFEST).exists():
+            return f"its {CHECKPOINT_MANIFEST} is unreadable"
+        has_weights = any((path / name).is_file() for name in _WEIGHT_FILES) or any(path.glob("model-*.safetensors"))
+        missing = [name for name in RESUME_FILES if not (path / name).is_file()]
+        if not has_weights:
+            missing.insert(0, "the weights")
+        return f"{', '.join(missing)} missing" if missing else None
+    for name, expected in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != expected["size"]:
+            return f"{name} has {size:,} bytes, {expected['size']:,} expected"
+        if verify_checksums and _sha256(file) != expected["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def write_checkpoint_manifest(path: Path, *, processes: int, engine: str) -> None:
+    """Record every file of checkpoint folder ``path`` (size and SHA-256) and who saved it; call it last."""
+    files = {str(file.relative_to(path)): {"size": file.stat().st_size, "sha256": _sha256(file)}
+             for file in sorted(path.rglob("*")) if file.is_file() and file.name != CHECKPOINT_MANIFEST}
+    atomic_write_text(path / CHECKPOINT_MANIFEST, json.dumps(
+        {"processes": processes, "engine": engine, "files": files}, indent=1) + "\n")
+
+
+def read_checkpoint_manifest(path: Path) -> dict | None:
+    try:
+        manifest = json.loads((path / CHECKPOINT_MANIFEST).read_text(encoding="utf-8"))
+        files = manifest["files"]
+        if not isinstance(files, dict) or not all(isinstance(v, dict) and {"size", "sha256"} <= v.keys()
+                                                  for v in files.values()):
+            return None
+        return manifest
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def list_checkpoints(output_dir: Path) -> list[Checkpoint]:
@@ -134,32 +194,36 @@ def clean_staging(output_dir: Path) -> None:
     shutil.rmtree(output_dir / FINAL_STAGING_DIR, ignore_errors=True)
 
 
-def plan_resume(output_dir: Path, resume_from_checkpoint: str | bool | None, overwrite: bool) -> Checkpoint | None:
+def plan_resume(output_dir: Path, resume_from_checkpoint: str | bool | None, overwrite: bool, *,
+                world_size: int = 1, report: Callable[[str], None] | None = None) -> Checkpoint | None:
     """Decide where training starts; refuse what cannot work, before anything heavy is loaded.
 
     ``None`` (default): the last complete checkpoint if there is one. ``True``: the same, but one must
     exist. ``False``: start over (only with overwrite_output_dir when checkpoints exist). A path: that one.
+    With ``report``, the checkpoint chosen is verified against its manifest's checksums, and a damaged one is
+    reported and skipped for the one before. ``world_size``: the processes of this run (a DeepSpeed
+    checkpoint resumes only with as many as saved it).
     Nothing is deleted here: with ``overwrite`` the previous run is moved aside only when the new one starts
     (``ftkit.train.output_dir.RunFolder.start``), so a refused run never costs the old one.
     """
     if is_finished_run(output_dir) and not overwrite:
         raise FtkitError(f"output_dir {output_dir} already holds a finished run ({RESULTS_FILE}); choose another "
                          "output_dir, or set overwrite_output_dir: true to replace it.")
-    checkpoints = [] if overwrite else list_checkpoints(output_dir)
+    checkpoints = [] if overwrite else _resumable(output_dir, report)
     if isinstance(resume_from_checkpoint, str):
         path = Path(resume_from_checkpoint)
         if not path.is_dir():
             raise FtkitError(f"resume_from_checkpoint {path} is not a directory; give a checkpoint-N folder "
                              f"(found: {', '.join(c.path.name for c in checkpoints) or 'none'}).")
-        if not is_complete_checkpoint(path):
-            missing = [n for n in RESUME_FILES if not (path / n).is_file()]
-            raise FtkitError(f"resume_from_checkpoint {path} is incomplete (missing {', '.join(missing) or 'weights'}); "
-                             "pick an earlier checkpoint.")
+        problem = checkpoint_problem(path, verify_checksums=report is not None)
+        if problem:
+            raise FtkitError(f"resume_from_checkpoint {path} cannot be resumed ({problem}); pick an earlier "
+                             "checkpoint.")
         if overwrite and output_dir.is_dir() and path.resolve().parent == output_dir.resolve():
             raise FtkitError(f"resume_from_checkpoint {path} is inside output_dir, which overwrite_output_dir: true "
                              "would empty; remove overwrite_output_dir to resume, or resume_from_checkpoint to start "
                              "over.")
-        return Checkpoint(path, checkpoint_step(path))
+        return _resumed_by(Checkpoint(path, checkpoint_step(path)), world_size, report)
     if resume_from_checkpoint is False:
         if checkpoints:
             raise FtkitError(f"output_dir {output_dir} holds checkpoints but resume_from_checkpoint is false; set "
@@ -171,7 +235,46 @@ def plan_resume(output_dir: Path, resume_from_checkpoint: str | bool | None, ove
                 f"output_dir {output_dir} holds no complete checkpoint"
             raise FtkitError(f"resume_from_checkpoint is true but {reason}; remove one of the two keys.")
         return None
-    return checkpoints[-1]
+    return _resumed_by(checkpoints[-1], world_size, report)
+
+
+def _resumable(output_dir: Path, report: Callable[[str], None] | None) -> list[Checkpoint]:
+    """The complete checkpoints, oldest first; with ``report``, the newest is checksum-verified and damaged
+    newest ones are reported and dropped until one verifies."""
+    checkpoints = list_checkpoints(output_dir)
+    if report is None:
+        return checkpoints
+    found = {c.path.name for c in checkpoints}
+    for child in sorted(output_dir.iterdir() if output_dir.is_dir() else [], key=lambda p: p.name):
+        match = CHECKPOINT_PATTERN.match(child.name)
+        if match and child.is_dir() and child.name not in found:
+            report(f"{child.name} cannot be resumed ({checkpoint_problem(child, verify_checksums=False)}); it is "
+                   "skipped")
+    while checkpoints:
+        problem = checkpoint_problem(checkpoints[-1].path, verify_checksums=True)
+        if problem is None:
+            break
+        report(f"{checkpoints[-1].path.name} cannot be resumed ({problem}); it is skipped")
+        checkpoints.pop()
+    return checkpoints
+
+
+def _resumed_by(checkpoint: Checkpoint, world_size: int, report: Callable[[str], None] | None) -> Checkpoint:
+    """Refuse a DeepSpeed checkpoint saved by another number of processes; note it for the other engines."""
+    manifest = read_checkpoint_manifest(checkpoint.path) or {}
+    saved = int(manifest.get("processes", 1))
+    if saved == world_size:
+        return checkpoint
+    if manifest.get("engine") == "deepspeed":
+        raise FtkitError(f"{checkpoint.path} was saved by {saved} DeepSpeed processes and this run has {world_size}; "
+                         f"DeepSpeed resumes its ZeRO shards only with as many processes as saved them, so launch "
+                         f"{saved} (nproc_per_node x nnodes), or start over with resume_from_checkpoint: false and "
+                         "overwrite_output_dir: true.")
+    if report is not None:
+        report(f"{checkpoint.path.name} was saved by {saved} process(es) and this run has {world_size}: the weights, "
+               "optimizer and step carry over, but the batches each process sees from here differ from an "
+               "uninterrupted run's")
+    return checkpoint
 
 
 def checkpoint_step(path: Path) -> int:

@@ -59,8 +59,11 @@ _KEPT_WHILE_REPLACING = (LOCK_FILE, PREVIOUS_RUN_DIR, _DELETING, _PREPARING)
 @contextlib.contextmanager
 def claimed_output_dir(config: TrainConfig, report: Callable[[str], None]) -> Iterator[RunFolder]:
     """Check ``config.output_dir`` and hold it for the run in the block (see the module docstring)."""
-    check_output_dir(config)
     folder = RunFolder(Path(config.output_dir), report, overwrite=config.overwrite_output_dir)
+    if not folder.manages:  # another process of a multi-process run: rank 0 checks, claims and writes
+        yield folder
+        return
+    check_output_dir(config)
     folder.claim()
     try:
         with _sigterm_exits():

@@ -37,8 +37,16 @@ from ftkit.train.checkpoints import (
     changed_training_keys,
     plan_resume,
 )
+from ftkit.train.launch import (
+    decided_by_rank_zero,
+    is_main_process,
+    main_process_first,
+    start_process_group,
+    sum_over_processes,
+    world_size,
+)
 from ftkit.train.memory import decide_gradient_checkpointing
-from ftkit.train.output_dir import RunFolder, claimed_output_dir
+from ftkit.train.output_dir import RunFolder, check_output_dir, claimed_output_dir
 
 console = Console(stderr=True, highlight=False)
 
@@ -50,7 +58,8 @@ class TrainResult:
 
 
 def _say(message: str) -> None:
-    console.print(f"[bold cyan]ftkit[/] {message}", soft_wrap=True)
+    if is_main_process():  # one process of a multi-process run speaks for all
+        console.print(f"[bold cyan]ftkit[/] {message}", soft_wrap=True)
 
 
 def _check_reporters(config: TrainConfig) -> None:
@@ -66,15 +75,48 @@ def run_training(loaded: LoadedConfig) -> TrainResult:
     """Run ``ftkit train`` for a validated config; returns where the results are and the final metrics.
 
     output_dir is checked and locked first (``ftkit.train.output_dir``); a refused run leaves it as it was.
+    In a multi-process launch (``ftkit.train.launch``) this runs in every process.
     """
+    start_process_group(loaded.config.ddp_timeout)
+    if not is_main_process():
+        _quiet_progress_bars()
     with claimed_output_dir(loaded.config, report=_say) as folder:
         return _train(loaded, folder)
+
+
+def launch_training(loaded: LoadedConfig, argv: list[str]) -> None:
+    """Start ``ftkit <argv>`` in the processes ``loaded.config`` asks for (``ftkit.train.launch``) and wait.
+
+    What can be refused without a process (output_dir, the resume plan, the engine's file, the process count,
+    the port) is refused here first; node 0 alone looks at output_dir, which the nodes share."""
+    from ftkit.train.launch import plan_launch, relaunch
+
+    config: TrainConfig = loaded.config
+    launch = plan_launch(config)
+    if launch.node_rank == 0:
+        check_output_dir(config)
+        plan_resume(Path(config.output_dir), config.resume_from_checkpoint, config.overwrite_output_dir,
+                    world_size=launch.world_size)
+    relaunch(launch, argv, _say)
+
+
+def _quiet_progress_bars() -> None:
+    """Loading and saving bars of transformers, datasets and the hub: rank 0 shows them for every process."""
+    import datasets
+    import huggingface_hub.utils
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    huggingface_hub.utils.disable_progress_bars()
 
 
 def _train(loaded: LoadedConfig, folder: RunFolder) -> TrainResult:
     config: TrainConfig = loaded.config
     output_dir = Path(config.output_dir)
-    checkpoint = plan_resume(output_dir, config.resume_from_checkpoint, config.overwrite_output_dir)
+    checkpoint = decided_by_rank_zero(lambda: plan_resume(
+        output_dir, config.resume_from_checkpoint, config.overwrite_output_dir, world_size=world_size(),
+        report=lambda message: _say(f"[yellow]warning[/]: {escape(message)}")))
     if checkpoint is not None and config.adaptive_rank and not (checkpoint.path / ADALORA_STATE_FILE).is_file():
         # peft saves AdaLoRA adapters pruned to their current ranks and keeps the importance scores in memory;
         # ftkit's checkpoints add both (adalora_state.pt), a checkpoint from elsewhere lacks them.
@@ -104,9 +146,12 @@ def _train(loaded: LoadedConfig, folder: RunFolder) -> TrainResult:
     device = default_device()
     precision = resolve_mixed_precision(config.bf16, config.fp16, device)
     source = model_source_from_config(config)
-    _say(f"model {escape(source.display)} | {config.stage} {config.finetuning_type} | device {device.type}, "
-         f"mixed precision {precision}")
-    tokenizer = load_tokenizer(source, trust_remote_code=config.trust_remote_code, report=lambda m: _say(escape(m)))
+    processes = f" x {world_size()} processes ({_engine(config)})" if world_size() > 1 else ""
+    _say(f"model {escape(source.display)} | {config.stage} {config.finetuning_type} | device {device.type}"
+         f"{processes}, mixed precision {precision}")
+    with main_process_first():  # rank 0 downloads and fills the caches; the others then read them
+        tokenizer = load_tokenizer(source, trust_remote_code=config.trust_remote_code,
+                                   report=lambda m: _say(escape(m)))
     template = apply_chat_template_to_tokenizer(tokenizer, config.template)
     if template.note:
         _say(escape(template.note))
@@ -120,12 +165,14 @@ def _train(loaded: LoadedConfig, folder: RunFolder) -> TrainResult:
 
     # A separate check model only where its dtype differs from the training model's (a bf16 base on a CPU);
     # on GPUs the model being trained answers (a second full-precision copy may not fit beside a QLoRA run),
-    # and so does a run continuing earlier adapters.
+    # and so does a run continuing earlier adapters. A multi-process run checks its saved output in rank 0
+    # alone: the model being trained may be sharded across the processes.
     separate_check = (general_check_dtype(device, load_dtype) != load_dtype and config.uses_lora
-                      and not config.adapter_name_or_path)
+                      and not config.adapter_name_or_path) or world_size() > 1
     answers = BaseModelAnswers(config, source, template.jinja, load_options, load_dtype, tokenizer, base_model,
                                report=_say, device=device, separate_check=separate_check)
-    data = prepare_guarded_dataset(config, tokenizer, answers)
+    with main_process_first():  # self-replay is generated once, by rank 0; the others read its cache
+        data = prepare_guarded_dataset(config, tokenizer, answers)
     for note in data.notes:
         _say(escape(note))
     for stats in data.stats:
@@ -154,8 +201,12 @@ def _train(loaded: LoadedConfig, folder: RunFolder) -> TrainResult:
     from ftkit.guard.learned_check import sample_training_prompts
 
     learned_items = sample_training_prompts(conversations, config.seed) if config.learned_check else []
-    check, learned = answers.checks_before_training(general=config.general_check, learned=learned_items)
-    epochs, rounds = _plan_epochs(config, data, small, learned is not None)
+    check, learned = answers.checks_before_training(general=config.general_check, learned=learned_items) \
+        if is_main_process() else (None, None)
+    if world_size() > 1 and small and config.num_train_epochs == "auto" and learned is not None:
+        _say("num_train_epochs auto: a fixed number of epochs in a multi-process run (the round-end learned check "
+             "runs in one process); set num_train_epochs to choose it")
+    epochs, rounds = _plan_epochs(config, data, small, learned is not None and world_size() == 1)
     model = base_model()
     set_seed(config.seed)  # before the adapter is created: its random init must repeat from run to run
     padding_free = _padding_free(config, model, data.packed)
@@ -194,13 +245,13 @@ def _run(config: TrainConfig, folder: RunFolder, trainer, tokenizer, data, answe
     # Everything that can be refused has been checked: only now is an earlier run moved aside (deleted once
     # the first step has trained; a failure before that puts it back) and the config written.
     folder.start(dump_resolved_config(config), trainer)
-    if checkpoint is not None:
+    if checkpoint is not None and folder.manages:
         from ftkit.train.callbacks import truncate_log
 
         truncate_log(output_dir, checkpoint.step)
         _say(f"resuming from {checkpoint.path.name} (step {checkpoint.step}); set resume_from_checkpoint: false "
              "and overwrite_output_dir: true to start over")
-    elif (output_dir / TRAINER_LOG_FILE).exists():
+    elif (output_dir / TRAINER_LOG_FILE).exists() and folder.manages:
         (output_dir / TRAINER_LOG_FILE).unlink()
 
     train_output = trainer.train(resume_from_checkpoint=str(checkpoint.path) if checkpoint else None)
@@ -217,6 +268,12 @@ def _run(config: TrainConfig, folder: RunFolder, trainer, tokenizer, data, answe
         _say(f"AdaLoRA final {rank_summary(metrics['adalora_ranks'])}")
 
     _save_final_model(trainer, tokenizer, output_dir, base_name=base_name, pissa_initial=pissa_initial)
+    if not folder.manages:  # the other processes of a multi-process run are done; rank 0 checks and writes
+        return TrainResult(output_dir=output_dir, metrics=metrics)
+    if config.deepspeed:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()  # the check model loads in this process alone, not partitioned by ZeRO-3
     if config.plot_loss:
         from ftkit.train.callbacks import plot_loss
 
@@ -345,7 +402,7 @@ def _build_trainer(config: TrainConfig, model, tokenizer, data, precision: str, 
             seed=config.seed, data_seed=config.data_seed, report_to=[r for r in config.report_to if r != "none"],
             run_name=config.run_name, dataloader_num_workers=config.dataloader_num_workers, ddp_timeout=config.ddp_timeout,
             remove_unused_columns=False, disable_tqdm=True, label_names=["labels"],
-            save_only_model=False, **config.extra_training_args,
+            save_only_model=False, **{**_engine_arguments(config), **config.extra_training_args},
         )
     except (ValueError, TypeError) as err:
         raise FtkitError(f"transformers.TrainingArguments rejected the config: {str(err).splitlines()[0]}") from None
@@ -360,7 +417,9 @@ def _build_trainer(config: TrainConfig, model, tokenizer, data, precision: str, 
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(ProgressAndLogCallback(output_dir, lambda: trainer.tokens_seen))
+    if is_main_process():
+        # The bar shows rank 0's tokens/s times the process count (every process takes batches of one size).
+        trainer.add_callback(ProgressAndLogCallback(output_dir, lambda: trainer.tokens_seen * world_size()))
     if config.adaptive_rank:
         from ftkit.train.lora_variants import AdaLoraRankCallback
 
@@ -368,6 +427,27 @@ def _build_trainer(config: TrainConfig, model, tokenizer, data, precision: str, 
     for callback in user_callbacks:
         trainer.add_callback(callback)
     return trainer
+
+
+def _engine(config: TrainConfig) -> str:
+    from ftkit.train.launch import engine_of
+
+    return engine_of(config)
+
+
+def _engine_arguments(config: TrainConfig) -> dict[str, Any]:
+    """TrainingArguments for the multi-process engine: DeepSpeed's config, FSDP's settings, gloo on CPU."""
+    from ftkit.train.launch import check_fsdp_device, deepspeed_config, fsdp_settings
+
+    arguments: dict[str, Any] = {}
+    if config.deepspeed:
+        arguments["deepspeed"] = deepspeed_config(config)
+    if config.fsdp:
+        check_fsdp_device(config)  # also when the user's own torchrun started this process
+        arguments["fsdp"], arguments["fsdp_config"] = True, fsdp_settings(config)
+    if world_size() > 1 and not _has_accelerator():
+        arguments["ddp_backend"] = "gloo"
+    return arguments
 
 
 def _final_eval_loss(trainer) -> float:
@@ -386,18 +466,21 @@ def _has_accelerator() -> bool:
 
 def _final_metrics(trainer, train_output, data, checkpoint, started: float) -> dict[str, Any]:
     runtime = float(train_output.metrics.get("train_runtime", 0.0))
-    tokens = trainer.tokens_seen
-    return {
+    tokens = sum_over_processes(trainer.tokens_seen)
+    metrics = {
         "train_loss": round(trainer.run_train_loss(train_output), 6),
         "global_step": int(trainer.state.global_step),
         "epoch": round(float(trainer.state.epoch or 0), 4),
         "train_runtime_seconds": round(runtime, 2),
         "tokens_per_second": round(tokens / runtime, 1) if runtime else None,
-        "tokens_this_process": tokens,
+        "tokens_this_process": trainer.tokens_seen,
         "train_examples": len(data.train),
         "resumed_from_step": checkpoint.step if checkpoint else None,
         "total_seconds": round(time.perf_counter() - started, 2),
     }
+    if world_size() > 1:
+        metrics.update(processes=world_size(), tokens_all_processes=tokens)
+    return metrics
 
 
 def _save_final_model(trainer, tokenizer, output_dir: Path, *, base_name: str | None = None,
@@ -405,11 +488,17 @@ def _save_final_model(trainer, tokenizer, output_dir: Path, *, base_name: str | 
     """Write the adapter (or full model), tokenizer, chat template and generation config atomically; a PiSSA
     adapter is converted to a plain LoRA when ``pissa_initial`` holds its initial weights."""
     staging = output_dir / FINAL_STAGING_DIR
-    shutil.rmtree(staging, ignore_errors=True)
+    if is_main_process():
+        shutil.rmtree(staging, ignore_errors=True)
     model_config = getattr(getattr(trainer.model, "get_base_model", lambda: trainer.model)(), "config", None)
     if model_config is not None:
         model_config.use_cache = True  # turned off for gradient checkpointing; generation wants it back
-    trainer.save_model(str(staging))
+    fsdp = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if fsdp is not None:
+        fsdp.set_state_dict_type("FULL_STATE_DICT")  # checkpoints stay sharded; the output is one plain model
+    trainer.save_model(str(staging))  # every process: ZeRO-3 and FSDP gather the full weights here
+    if not is_main_process():
+        return
     if pissa_initial is not None:
         from ftkit.train.lora_variants import save_converted_pissa_adapter
 

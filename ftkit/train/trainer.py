@@ -3,8 +3,9 @@
 1. The loss computes logits only where a label is trained, one checkpointed chunk at a time
    (``ftkit.train.loss``): full-vocabulary logits for every token are the largest activation of a
    small model and, with prompts masked, mostly thrown away.
-2. Checkpoints are written into a staging folder and renamed into place, so a run killed mid-save
-   never leaves a folder that looks complete (the Trainer writes in place).
+2. Checkpoints are written into a staging folder, given a manifest of their files' sizes and checksums,
+   and renamed into place, so a run killed mid-save never leaves a folder that looks complete (the Trainer
+   writes in place), and one damaged later is found before it is resumed.
 3. Length-grouped sampling is seeded per epoch (the Trainer's uses the global RNG, which breaks
    bit-exact resume); real (non-padding) tokens are counted for tokens/s.
 4. Each checkpoint records the sum of the step losses so far (``ftkit_state.json``), so a resumed run
@@ -32,7 +33,7 @@ from torch.utils.data import Sampler
 from transformers import Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
-from ftkit.train.checkpoints import STAGING_DIR
+from ftkit.train.checkpoints import STAGING_DIR, write_checkpoint_manifest
 from ftkit.train.lora_variants import (
     adalora_orthogonal_penalty,
     load_adalora_state,
@@ -227,6 +228,9 @@ class FtkitTrainer(Trainer):
             with open(os.path.join(staging, name, LOSS_STATE_FILE), "w", encoding="utf-8") as f:
                 json.dump(state, f)
         save_adalora_state(self.model, Path(staging) / name)
+        engine = "deepspeed" if self.is_deepspeed_enabled else "fsdp" if self.is_fsdp_enabled else \
+            "ddp" if self.args.world_size > 1 else "single"
+        write_checkpoint_manifest(Path(staging) / name, processes=self.args.world_size, engine=engine)
         final = os.path.join(run_dir, name)
         if os.path.exists(final):  # from an earlier process (killed mid-way, or resumed from an earlier step)
             shutil.rmtree(final)
