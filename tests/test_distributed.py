@@ -84,28 +84,6 @@ def assert_one_writer(output_dir: Path, output: str) -> None:
     assert json.loads((output_dir / "train_results.json").read_text())["processes"] == 2
 
 
-def test_deepspeed_zero2_lora_runs_the_checks_once_and_saves_an_adapter_peft_loads(tiny_llama_dir, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    output_dir = tmp_path / "out"
-    output = run(write_config(tmp_path, keys(tiny_llama_dir, output_dir, deepspeed="ds_z2")))
-    assert "deepspeed: starting 2 processes" in output and "x 2 processes (deepspeed)" in output
-    assert output.count("learned check: 16 training prompts") == 1  # asked of the base once, by rank 0
-    assert output.count("training answers learned") == 2  # the check after training, and the summary line
-    assert "Traceback" not in output
-    assert_one_writer(output_dir, output)
-    values = losses(output_dir)
-    assert values[-1] < values[0] - 0.1, values
-    manifest = json.loads((list_checkpoints(output_dir)[-1].path / CHECKPOINT_MANIFEST).read_text())
-    assert (manifest["processes"], manifest["engine"]) == (2, "deepspeed")
-    assert any(name.startswith("global_step") for name in manifest["files"])  # ZeRO's own shards are listed
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), output_dir)
-    trained = load_file(str(output_dir / "adapter_model.safetensors"))
-    assert trained and all(t.abs().sum() > 0 for k, t in trained.items() if "lora_B" in k)
-    assert model(torch.tensor([[1, 2, 3]])).logits.shape[-1] == 49152
-
-
 def test_deepspeed_zero3_full_finetune_gathers_a_plain_transformers_model(tiny_llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -123,6 +101,63 @@ def test_deepspeed_zero3_full_finetune_gathers_a_plain_transformers_model(tiny_l
     assert not any(output_dir.glob("global_step*")) and not (output_dir / "zero_to_fp32.py").exists()
 
 
+def test_fsdp_full_finetune_saves_sharded_checkpoints_that_another_process_count_resumes(tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    output_dir, resumed = tmp_path / "out", tmp_path / "resumed"
+    config = write_config(tmp_path, keys(tiny_llama_dir, output_dir, fsdp="full_shard", finetuning_type="full",
+                                         learning_rate=1e-3))
+    output = run(config)
+    assert "x 2 processes (fsdp)" in output
+    assert_one_writer(output_dir, output)
+    values = losses(output_dir)
+    assert values[-1] < values[0] - 0.1, values
+    checkpoint = output_dir / "checkpoint-4"
+    assert (checkpoint / "pytorch_model_fsdp_0").is_dir() and (checkpoint / "optimizer_0").is_dir()  # sharded
+    trained = AutoModelForCausalLM.from_pretrained(output_dir).state_dict()  # gathered into one plain model
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).state_dict()
+    assert trained.keys() == base.keys() and any(not torch.equal(trained[k], base[k]) for k in base)
+
+    output = run(config, f"output_dir={resumed}", f"resume_from_checkpoint={checkpoint}", "nproc_per_node=1")
+    assert "checkpoint-4 was saved by 2 process(es) and this run has 1" in output
+    results = json.loads((resumed / "train_results.json").read_text())
+    assert (results["resumed_from_step"], results["global_step"]) == (4, MAX_STEPS)
+    assert [r["step"] for r in read_log(resumed) if "loss" in r] == list(range(5, MAX_STEPS + 1))
+    assert AutoModelForCausalLM.from_pretrained(resumed).state_dict().keys() == base.keys()
+
+
+def test_two_processes_train_exactly_as_one_process_with_their_combined_batch(tiny_llama_dir, tmp_path):
+    """Data parallel is the same optimisation: 2 processes x 2 examples = 1 process x 4 (the loss is the token
+    mean over the global batch, not over each process's half)."""
+    values = keys(tiny_llama_dir, tmp_path / "unused", lora_dropout=0.0, group_by_length=False, save_strategy="no",
+                  learned_check=False)
+    config = write_config(tmp_path, values)
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(config, f"output_dir={one}", "nproc_per_node=1", "per_device_train_batch_size=4")
+    run(config, f"output_dir={two}", "nproc_per_node=2", "per_device_train_batch_size=2")
+    assert losses(two) == pytest.approx(losses(one), abs=1e-5)
+    assert losses(one)[0] > 10  # a random model over SmolLM2's 49,152 tokens: ln(49152) = 10.8
+    got, want = (load_file(str(d / "adapter_model.safetensors")) for d in (two, one))
+    assert max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-5
+
+
+def test_a_deepspeed_checkpoint_is_resumed_only_by_as_many_processes(tmp_path):
+    from ftkit.train.checkpoints import plan_resume, write_checkpoint_manifest
+
+    checkpoint = tmp_path / "checkpoint-2"
+    (checkpoint / "global_step2").mkdir(parents=True)
+    (checkpoint / "global_step2" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"shard")
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 2}')
+    write_checkpoint_manifest(checkpoint, processes=2, engine="deepspeed")
+    assert plan_resume(tmp_path, None, False, world_size=2, report=print).step == 2
+    with pytest.raises(FtkitError) as caught:
+        plan_resume(tmp_path, None, False, world_size=4, report=print)
+    assert str(caught.value) == (
+        f"{checkpoint} was saved by 2 DeepSpeed processes and this run has 4; DeepSpeed resumes its ZeRO shards only "
+        "with as many processes as saved them, so launch 2 (nproc_per_node x nnodes), or start over with "
+        "resume_from_checkpoint: false and overwrite_output_dir: true.")
+
+
 def test_two_nodes_on_one_machine_train_as_one_run(tiny_llama_dir, tmp_path):
     output_dir = tmp_path / "out"
     config = write_config(tmp_path, keys(tiny_llama_dir, output_dir, nproc_per_node=1, nnodes=2,
@@ -136,12 +171,29 @@ def test_two_nodes_on_one_machine_train_as_one_run(tiny_llama_dir, tmp_path):
     assert_one_writer(output_dir, outputs[1])
 
 
-def test_a_killed_process_stops_the_run_which_resumes_past_a_damaged_checkpoint(tiny_llama_dir, tmp_path):
-    """Kill one process mid-run: all stop, the launcher names it. Damage the newest checkpoint: the rerun
-    says so, resumes from the one before, and ends with the uninterrupted run's steps, weights and log."""
+def test_deepspeed_zero2_lora_trains_checks_once_and_resumes_a_killed_run_past_a_damaged_checkpoint(
+        tiny_llama_dir, tmp_path):
+    """An uninterrupted ZeRO-2 LoRA run: rank 0 alone checks and writes, the adapter loads with peft. Then the
+    same run with one process killed mid-way: all stop, the launcher names it. The newest checkpoint is damaged:
+    the rerun says so, resumes from the one before, and ends with the uninterrupted run's steps, weights, log."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
     reference, output_dir = tmp_path / "reference", tmp_path / "out"
     config = write_config(tmp_path, keys(tiny_llama_dir, reference, deepspeed="ds_z2"))
-    run(config)
+    output = run(config)
+    assert "deepspeed: starting 2 processes" in output and "x 2 processes (deepspeed)" in output
+    assert output.count("learned check: 16 training prompts") == 1  # asked of the base once, by rank 0
+    assert output.count("training answers learned") == 2  # the check after training, and the summary line
+    assert "Traceback" not in output
+    assert_one_writer(reference, output)
+    values = losses(reference)
+    assert values[-1] < values[0] - 0.1, values
+    manifest = json.loads((list_checkpoints(reference)[-1].path / CHECKPOINT_MANIFEST).read_text())
+    assert (manifest["processes"], manifest["engine"]) == (2, "deepspeed")
+    assert any(name.startswith("global_step") for name in manifest["files"])  # ZeRO's own shards are listed
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), reference)
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape[-1] == 49152
 
     log = tmp_path / "killed.log"
     with open(log, "w") as sink:
@@ -257,8 +309,6 @@ def test_process_counts_ports_and_engines_this_machine_cannot_run_are_refused(ti
         port = busy.getsockname()[1]
         assert refused(keys(tiny_llama_dir, out, master_port=port)).startswith(
             f"master_port {port} on 127.0.0.1 is not free")
-    assert refused(keys(tiny_llama_dir, out, fsdp="full_shard")).startswith(
-        "fsdp: full_shard needs GPUs: transformers runs FSDP through accelerate, which shards only GPU processes")
 
 
 def test_a_missing_deepspeed_install_is_named(tiny_llama_dir, tmp_path):

@@ -166,8 +166,6 @@ def plan_launch(config: Any, env: dict[str, str] | None = None) -> Launch:
     elif engine == "fsdp":
         fsdp_settings(config)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if engine == "fsdp":
-        check_fsdp_device(config)
     nproc = config.nproc_per_node or _env_int(env, "NPROC_PER_NODE")
     if nproc is None:
         if not gpus:
@@ -200,18 +198,6 @@ def plan_launch(config: Any, env: dict[str, str] | None = None) -> Launch:
                          "bnb_4bit_quant_storage and CUDA kernels; use deepspeed: ds_z2 (the base is replicated and "
                          "only the adapter is sharded) or train a LoRA on the unquantized base.")
     return launch
-
-
-def check_fsdp_device(config: Any) -> None:
-    """Refuse FSDP without GPUs: accelerate, through which the Trainer runs FSDP, applies it only to GPU
-    processes (a CPU launch stays plain data parallel), so the run would silently not shard."""
-    import torch
-
-    if not torch.cuda.is_available():
-        raise FtkitError(f"fsdp: {config.fsdp} needs GPUs: transformers runs FSDP through accelerate, which shards "
-                         "only GPU processes, so on this CPU-only machine every process would hold the whole model. "
-                         "Use deepspeed: ds_z3 to shard on CPU (DeepSpeed runs there), or deepspeed: ds_z2 / plain "
-                         "nproc_per_node for data parallel.")
 
 
 def _installed(package: str) -> bool:

@@ -437,13 +437,12 @@ def _engine(config: TrainConfig) -> str:
 
 def _engine_arguments(config: TrainConfig) -> dict[str, Any]:
     """TrainingArguments for the multi-process engine: DeepSpeed's config, FSDP's settings, gloo on CPU."""
-    from ftkit.train.launch import check_fsdp_device, deepspeed_config, fsdp_settings
+    from ftkit.train.launch import deepspeed_config, fsdp_settings
 
     arguments: dict[str, Any] = {}
     if config.deepspeed:
         arguments["deepspeed"] = deepspeed_config(config)
     if config.fsdp:
-        check_fsdp_device(config)  # also when the user's own torchrun started this process
         arguments["fsdp"], arguments["fsdp_config"] = True, fsdp_settings(config)
     if world_size() > 1 and not _has_accelerator():
         arguments["ddp_backend"] = "gloo"
@@ -493,10 +492,14 @@ def _save_final_model(trainer, tokenizer, output_dir: Path, *, base_name: str | 
     model_config = getattr(getattr(trainer.model, "get_base_model", lambda: trainer.model)(), "config", None)
     if model_config is not None:
         model_config.use_cache = True  # turned off for gradient checkpointing; generation wants it back
-    fsdp = getattr(trainer.accelerator.state, "fsdp_plugin", None)
-    if fsdp is not None:
-        fsdp.set_state_dict_type("FULL_STATE_DICT")  # checkpoints stay sharded; the output is one plain model
-    trainer.save_model(str(staging))  # every process: ZeRO-3 and FSDP gather the full weights here
+    if trainer.is_fsdp_enabled:  # checkpoints stay sharded; the output is one plain model, gathered here
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if is_main_process():
+            trainer._save(str(staging), state_dict=full)
+    else:
+        trainer.save_model(str(staging))  # every process: ZeRO-3 gathers the full weights here
     if not is_main_process():
         return
     if pissa_initial is not None:

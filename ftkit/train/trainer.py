@@ -17,6 +17,8 @@
    the loss here (``ftkit.train.lora_variants``: the chunked loss never runs peft's forward, which adds it).
 7. ``num_train_epochs: auto`` brings its own learning-rate function (restarting each round) and may end a run
    resumed at a round end before it trains on (``ftkit.train.small_sets``).
+8. FSDP runs on CPU processes too: accelerate enables its FSDP plugin only on accelerator devices (a CPU
+   launch stays plain data parallel, silently unsharded), while FSDP2 itself shards on CPU over gloo.
 Everything else (optimizer, scheduler, accumulation, RNG state, resume, data skipping) is the Trainer's.
 """
 
@@ -100,6 +102,16 @@ class FtkitTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
 
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp_plugin_args is not None and not self.is_fsdp_enabled:
+            from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+            state = self.accelerator.state
+            state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+            state.distributed_type = DistributedType.FSDP
+            self.is_fsdp_enabled = True
+
     # -- whole-run training loss -------------------------------------------------------------------------
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         self._earlier_loss_sum = 0.0
@@ -172,13 +184,19 @@ class FtkitTrainer(Trainer):
         attention_mask = inputs.get("attention_mask")
         self.tokens_seen += int(attention_mask.sum()) if attention_mask is not None else inputs["input_ids"].numel()
         targets = shifted_targets(labels)
-        # Calling the decoder and head separately bypasses a wrapper's forward (DDP/FSDP gradient sync).
-        wrapped = self.accelerator.unwrap_model(model) is not model
+        # Calling the decoder and head separately bypasses a wrapper's forward (DDP/FSDP gradient sync); FSDP2
+        # wraps in place, and needs its root module's forward to gather and free the shards.
+        wrapped = self.accelerator.unwrap_model(model) is not model or self.is_fsdp_enabled
         loss_sum = (chunked_loss_sum if self._chunked_loss and not wrapped else plain_loss_sum)(model, inputs, targets)
         denominator = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
         if torch.is_tensor(denominator):
             denominator = denominator.to(loss_sum.device)
         loss = loss_sum / denominator
+        if model.training and num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            # num_items_in_batch counts every process's trained tokens, and DDP/DeepSpeed/FSDP average the
+            # gradients over the processes: scaled back, the step is the token mean of the whole global batch,
+            # as in one process (the Trainer's own compute_loss does the same).
+            loss = loss * self.accelerator.num_processes
         if model.training:
             penalty = adalora_orthogonal_penalty(self.accelerator.unwrap_model(model))
             if penalty is not None:  # once per optimizer step: each micro-batch's loss is summed over the window
