@@ -184,11 +184,20 @@ def recommendation(result: Estimate, method: str) -> str | None:
     if result.gpu_memory_gb is None:
         return None
     for memory in result.plans[method]:
-        if result.fits(memory, checkpointing=False):
-            return f"{STRATEGY_NAMES[memory.strategy]}, gradient checkpointing off"
-        if result.fits(memory):
-            return f"{STRATEGY_NAMES[memory.strategy]}, gradient checkpointing on"
+        for checkpointing in (False, True):
+            if result.fits(memory, checkpointing=checkpointing):
+                return (f"{STRATEGY_NAMES[memory.strategy]}{_config_keys(memory.strategy, result.devices)}, "
+                        f"gradient checkpointing {'on' if checkpointing else 'off'}")
     return None
+
+
+def _config_keys(strategy: str, devices: int) -> str:
+    """The training-config keys that run ``strategy`` (ftkit's shipped DeepSpeed configs; ZeRO-2 for ZeRO-1)."""
+    if strategy == "none":
+        return f" (nproc_per_node: {devices}, data parallel)" if devices > 1 else ""
+    shipped = {"zero1": "ds_z2", "zero2": "ds_z2", "zero2_offload": "ds_z2_offload", "zero3": "ds_z3",
+               "zero3_offload": "ds_z3_offload"}[strategy]
+    return f" (deepspeed: {shipped}" + (" or fsdp: full_shard)" if strategy == "zero3" else ")")
 
 
 def print_estimate(result: Estimate, config_method: str) -> None:

@@ -201,8 +201,9 @@ def _train(loaded: LoadedConfig, folder: RunFolder) -> TrainResult:
     from ftkit.guard.learned_check import sample_training_prompts
 
     learned_items = sample_training_prompts(conversations, config.seed) if config.learned_check else []
-    check, learned = answers.checks_before_training(general=config.general_check, learned=learned_items) \
-        if is_main_process() else (None, None)
+    with main_process_first():  # the others wait here, idle, rather than spinning in the engine's first collective
+        check, learned = answers.checks_before_training(general=config.general_check, learned=learned_items) \
+            if is_main_process() else (None, None)
     if world_size() > 1 and small and config.num_train_epochs == "auto" and learned is not None:
         _say("num_train_epochs auto: a fixed number of epochs in a multi-process run (the round-end learned check "
              "runs in one process); set num_train_epochs to choose it")
