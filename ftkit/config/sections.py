@@ -418,10 +418,12 @@ class TrainingSection(Section):
         "ds_z3_offload); `auto` values are filled from this config. Trains in nproc_per_node processes."
     )
     fsdp: str | None = Field(
-        None, description="PyTorch FSDP: a YAML file holding fsdp and fsdp_config, a shipped one by name (full_shard, "
-        "full_shard_offload, shard_grad_op), or transformers' option string (e.g. 'full_shard auto_wrap')."
+        None, description="PyTorch FSDP2: a YAML file of transformers' fsdp_config keys, a shipped one by name "
+        "(full_shard, full_shard_offload, shard_grad_op), or option words (e.g. 'full_shard auto_wrap')."
     )
-    fsdp_config: dict[str, Any] | None = Field(None, description="transformers' fsdp_config, with fsdp as a string.")
+    fsdp_config: dict[str, Any] | None = Field(
+        None, description="transformers' fsdp_config keys, applied over those fsdp gives."
+    )
     nproc_per_node: int | None = Field(
         None, ge=1, le=1024, description="Processes per node (default: the GPUs visible; required without GPUs)."
     )
