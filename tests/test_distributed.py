@@ -169,6 +169,9 @@ def test_two_nodes_on_one_machine_train_as_one_run(tiny_llama_dir, tmp_path):
     assert "on node 1 of 2 (2 in all)" in outputs[0] and "on node 0 of 2 (2 in all)" in outputs[1]
     assert "done: loss" not in outputs[0]  # node 1's process is rank 1: rank 0 speaks and writes
     assert_one_writer(output_dir, outputs[1])
+    values = losses(output_dir)
+    assert values[-1] < values[0] - 0.1, values
+    assert load_file(str(output_dir / "adapter_model.safetensors"))
 
 
 def test_deepspeed_zero2_lora_trains_checks_once_and_resumes_a_killed_run_past_a_damaged_checkpoint(
