@@ -130,7 +130,8 @@ def sum_over_processes(value: int) -> int:
     import torch
     import torch.distributed as dist
 
-    total = torch.tensor([value], dtype=torch.long)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    total = torch.tensor([value], dtype=torch.long, device=device)  # NCCL reduces only GPU tensors
     dist.all_reduce(total)
     return int(total.item())
 
@@ -143,7 +144,7 @@ def wants_launch(config: Any, env: dict[str, str] | None = None) -> bool:
         return False
     forced = env.get("FORCE_TORCHRUN", "").lower() in ("1", "true", "yes")
     return bool(config.deepspeed or config.fsdp or (config.nproc_per_node or 1) > 1 or config.nnodes > 1 or forced
-                or int(env.get("NNODES", "1") or 1) > 1)
+                or (_env_int(env, "NNODES") or 1) > 1)
 
 
 def engine_of(config: Any) -> str:
