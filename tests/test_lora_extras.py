@@ -190,8 +190,11 @@ def test_an_adaptive_rank_run_resumes_exactly_after_a_crash(tiny_llama_dir, tmp_
     torch.testing.assert_close(torch.load(tmp_path / "crashed" / "trained_logits.pt"),
                                torch.load(tmp_path / "whole" / "trained_logits.pt"), atol=1e-5, rtol=1e-5)
 
+    from ftkit.train.checkpoints import CHECKPOINT_MANIFEST
+
     for state in out.glob("checkpoint-*/adalora_state.pt"):  # checkpoints from elsewhere: one sentence
         state.unlink()
+        (state.parent / CHECKPOINT_MANIFEST).unlink()  # (a checkpoint from elsewhere has no ftkit manifest)
     (out / "train_results.json").unlink()
     from ftkit.errors import FtkitError
 

@@ -166,7 +166,10 @@ def test_embedded_model_int8_and_gguf_q8_0(tmp_path):
 
     int8 = quantize(EMBEDDED_ALIAS, tmp_path / "int8", "int8", bench_new_tokens=4, eval_max_tokens=256).report
     assert int8["quantized"]["top1_agreement"] >= 0.93
-    assert int8["ratios"]["size"] < 0.31  # embeddings kept in bf16: 0.304x of fp32
+    from ftkit.models import cpu_has_fast_bf16
+
+    # The embeddings stay in bf16 (0.304x of fp32), or in fp32 on a CPU without native bf16 (0.410x).
+    assert int8["ratios"]["size"] < (0.31 if cpu_has_fast_bf16() else 0.42)
     q8 = quantize(EMBEDDED_ALIAS, tmp_path / "q8", "gguf", gguf_type="q8_0", bench_new_tokens=4,
                   eval_max_tokens=256).report
     assert q8["quantized"]["top1_agreement"] >= 0.93

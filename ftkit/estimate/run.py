@@ -8,7 +8,7 @@ The four methods are judged with the functions that decide what trains at load t
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -158,12 +158,25 @@ def estimate(config: Any, *, gpus: int = 1, nodes: int = 1, gpu_memory_gb: float
     devices = gpus * nodes
     tokens = config.per_device_train_batch_size * config.cutoff_len
     device_type = "cpu" if cpu else "cuda"
-    bytes_per_value = 4 if config.bf16 is False and not config.fp16 else 2  # bf16: auto trains in bf16 where fast
+    bytes_per_value = 2 if _mixed_precision(config, cpu) else 4
+    shapes = {method: replace(shape, weight_bytes=bytes_per_value) for method, shape in shapes.items()}
     plans = {method: [plan(shape, strategy, devices=devices, nodes=nodes, tokens_per_batch=tokens,
                            device_type=device_type, bytes_per_value=bytes_per_value) for strategy in STRATEGIES]
              for method, shape in shapes.items()}
     return Estimate(config.model_name_or_path, shapes["full"].parameters, devices, nodes, tokens, device_type,
                     gpu_memory_gb, shapes, plans)
+
+
+def _mixed_precision(config: Any, cpu: bool) -> bool:
+    """Whether the run trains in bf16/fp16: ``bf16: auto`` does on GPUs (Ampere and newer are assumed) and on
+    CPUs with native bf16 instructions (this machine's, for a --cpu plan); elsewhere it trains in fp32."""
+    if config.fp16 or config.bf16 is True:
+        return True
+    if config.bf16 is False:
+        return False
+    from ftkit.models.precision import cpu_has_fast_bf16
+
+    return cpu_has_fast_bf16() if cpu else True
 
 
 def _gb(value: float) -> str:
@@ -230,9 +243,12 @@ def print_estimate(result: Estimate, config_method: str) -> None:
     console.print("[dim]activ: activations with gradient checkpointing; other: logits (computed in chunks) and the "
                   "runtime (CUDA context or a CPU process's libraries); no ckpt: the total without checkpointing.[/]")
     full = result.shapes["full"].trainable
-    states = OPTIMIZER_BYTES * full
-    console.print(f"Adam states of a full fine-tune: {OPTIMIZER_BYTES} bytes (fp32 master weights, momentum, "
-                  f"variance) x {full:,} parameters = {_gb(states)} GB unsharded; ZeRO-1/2/3 split them over "
+    mixed = result.shapes["full"].mixed_precision
+    per = OPTIMIZER_BYTES if mixed else OPTIMIZER_BYTES - 4
+    states = per * full
+    what = "fp32 master weights, momentum, variance" if mixed else "momentum and variance; fp32 training keeps no master copy"
+    console.print(f"Adam states of a full fine-tune: {per} bytes ({what}) x {full:,} parameters = {_gb(states)} GB "
+                  f"unsharded; ZeRO-1/2/3 split them over "
                   f"{result.devices} device{'s' if result.devices > 1 else ''}: {_gb(states)} / {result.devices} = "
                   f"{_gb(states / result.devices)} GB each.")
     advice = recommendation(result, config_method)

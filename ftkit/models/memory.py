@@ -70,6 +70,11 @@ class ModelShape:
     intermediate: int = 0
     layers: int = 0
     vocab: int = 0
+    weight_bytes: int = WEIGHT_BYTES  # a plain weight: 2 with bf16/fp16 mixed precision, 4 training in fp32
+
+    @property
+    def mixed_precision(self) -> bool:
+        return self.weight_bytes < 4
 
     @property
     def frozen_bytes(self) -> float:
@@ -77,9 +82,9 @@ class ModelShape:
         if self.bits == 4:
             per = DOUBLE_QUANT_4BIT_BYTES if self.double_quantization else QUANTIZED_BYTES[4]
         else:
-            per = QUANTIZED_BYTES.get(self.bits or 0, WEIGHT_BYTES)
+            per = QUANTIZED_BYTES.get(self.bits or 0, self.weight_bytes)
         plain = self.parameters - self.trainable - self.quantized
-        return plain * WEIGHT_BYTES + self.quantized * per
+        return plain * self.weight_bytes + self.quantized * per
 
 
 def shape_of(model: Any) -> dict[str, int]:
@@ -141,23 +146,27 @@ def model_states(shape: ModelShape, strategy: str, devices: int, nodes: int = 1)
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy}")
     n, t = devices, shape.trainable
-    weights = shape.frozen_bytes + WEIGHT_BYTES * t
-    gradients, optimizer, cpu = GRADIENT_BYTES * t, OPTIMIZER_BYTES * t, 0.0
+    # Training in fp32 keeps no 16-bit copies: 4-byte gradients, and Adam's two states without a master copy.
+    gradient_bytes = GRADIENT_BYTES if shape.mixed_precision else FP32_GRADIENT_BYTES
+    optimizer_bytes = OPTIMIZER_BYTES if shape.mixed_precision else OPTIMIZER_BYTES - 4
+    gathered_bytes = GATHERED_LAYER_BYTES * shape.weight_bytes // WEIGHT_BYTES
+    weights = shape.frozen_bytes + shape.weight_bytes * t
+    gradients, optimizer, cpu = gradient_bytes * t, optimizer_bytes * t, 0.0
     if strategy == "zero1":
-        gradients = (GRADIENT_BYTES - FP32_GRADIENT_BYTES) * t + FP32_GRADIENT_BYTES * t / n
+        gradients = (gradient_bytes - FP32_GRADIENT_BYTES) * t + FP32_GRADIENT_BYTES * t / n
         optimizer /= n
     elif strategy == "zero2":
         gradients, optimizer = gradients / n, optimizer / n
     elif strategy == "zero2_offload":
         # DeepSpeed: the fp32 states of every device's partition live in its node's CPU memory
-        cpu = t * max(4 * n, FP32_GRADIENT_BYTES + OPTIMIZER_BYTES) * CPU_BUFFER_FACTOR
+        cpu = t * max(4 * n, FP32_GRADIENT_BYTES + optimizer_bytes) * CPU_BUFFER_FACTOR
         gradients = optimizer = 0.0
     elif strategy == "zero3":
-        weights = weights / n + GATHERED_LAYER_BYTES * shape.largest_layer
+        weights = weights / n + gathered_bytes * shape.largest_layer
         gradients, optimizer = FP32_GRADIENT_BYTES * t / n, optimizer / n
     elif strategy == "zero3_offload":
-        cpu = (weights + (FP32_GRADIENT_BYTES + OPTIMIZER_BYTES) * t) * CPU_BUFFER_FACTOR / nodes
-        weights, gradients, optimizer = GATHERED_LAYER_BYTES * shape.largest_layer, 0.0, 0.0
+        cpu = (weights + (FP32_GRADIENT_BYTES + optimizer_bytes) * t) * CPU_BUFFER_FACTOR / nodes
+        weights, gradients, optimizer = gathered_bytes * shape.largest_layer, 0.0, 0.0
     return weights, gradients, optimizer, cpu
 
 
