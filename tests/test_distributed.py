@@ -332,3 +332,18 @@ def test_pipeline_parallelism_is_refused_saying_what_to_use(tiny_llama_dir, tmp_
         load_stage_config(TrainConfig, None, keys(tiny_llama_dir, tmp_path / "out", pipeline_parallel_size=2))
     assert "ftkit does not pipeline layers across devices" in str(caught.value)
     assert "deepspeed: ds_z3 or fsdp: full_shard" in str(caught.value)
+
+
+def test_llama_factory_launch_variables_ask_for_a_launch_and_set_it(tiny_llama_dir, tmp_path):
+    from ftkit.train.launch import plan_launch, wants_launch
+
+    config = load_stage_config(TrainConfig, None, keys(tiny_llama_dir, tmp_path / "out", nproc_per_node=None)).config
+    assert not wants_launch(config, env={})
+    assert wants_launch(config, env={"FORCE_TORCHRUN": "1"}) and wants_launch(config, env={"NNODES": "2"})
+    launch = plan_launch(config, env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", "NNODES": "2", "NODE_RANK": "1",
+                                      "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29511"})
+    assert (launch.engine, launch.nproc_per_node, launch.nnodes, launch.node_rank, launch.master_addr,
+            launch.master_port, launch.world_size) == ("ddp", 2, 2, 1, "10.0.0.1", 29511, 4)
+    with pytest.raises(FtkitError) as caught:
+        plan_launch(config, env={"NPROC_PER_NODE": "two"})
+    assert str(caught.value) == "environment variable NPROC_PER_NODE='two' is not a whole number; set it to one or unset it."
