@@ -276,6 +276,11 @@ def test_a_deepspeed_file_that_contradicts_the_training_config_is_refused_naming
     assert refused(keys(tiny_llama_dir, out, deepspeed=path, bf16=False)) == (
         f"{path} sets bf16.enabled to true but the training config has bf16: false; make them agree, or write "
         "\"auto\" in the DeepSpeed file.")
+    path = deepspeed_file(tmp_path, {"train_batch_size": 4})
+    assert refused(keys(tiny_llama_dir, out, deepspeed=path)) == (
+        f"{path} sets train_batch_size to 4 but the training config's batch size is 8 (per_device_train_batch_size 4 "
+        "x gradient_accumulation_steps 1 x 2 processes); make them agree, or write \"auto\" in the DeepSpeed file to "
+        "take the training config's value.")
     path = deepspeed_file(tmp_path, {"gradient_clipping": 0.5})
     assert "gradient_clipping to 0.5 but the training config's max_grad_norm is 1" in refused(
         keys(tiny_llama_dir, out, deepspeed=path))

@@ -28,7 +28,7 @@ import os
 import re
 import socket
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -56,7 +56,6 @@ class Launch:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = DEFAULT_MULTINODE_PORT
-    notes: list[str] = field(default_factory=list)
 
     @property
     def world_size(self) -> int:
@@ -162,9 +161,7 @@ def plan_launch(config: Any, env: dict[str, str] | None = None) -> Launch:
         if not _installed(package):
             install = "pip install 'ftkit[distributed]'" if package == "deepspeed" else f"pip install {package}"
             raise FtkitError(f"{engine} training needs the {package} package, which is not installed; run `{install}`.")
-    if engine == "deepspeed":
-        deepspeed_config(config)
-    elif engine == "fsdp":
+    if engine == "fsdp":
         fsdp_settings(config)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     nproc = config.nproc_per_node or _env_int(env, "NPROC_PER_NODE")
@@ -192,12 +189,14 @@ def plan_launch(config: Any, env: dict[str, str] | None = None) -> Launch:
     elif node_rank == 0:
         _check_port_free(addr, port)
     launch = Launch(engine, nproc, nnodes, node_rank, addr, port)
-    if config.quantization_bits is not None and (engine == "fsdp" or _zero_stage(config) == 3):
+    if engine == "deepspeed":
+        deepspeed_config(config, world_size=launch.world_size)
+    if config.quantization_bits is not None and (engine == "fsdp" or _zero_stage(config, launch.world_size) == 3):
         raise FtkitError(f"QLoRA (a {config.quantization_bits}-bit base) cannot be sharded by "
-                         f"{'FSDP' if engine == 'fsdp' else 'ZeRO-3'} here: bitsandbytes packs the quantized weights "
-                         "into uint8 tensors whose shards ZeRO-3/FSDP cannot gather back into layers without "
-                         "bnb_4bit_quant_storage and CUDA kernels; use deepspeed: ds_z2 (the base is replicated and "
-                         "only the adapter is sharded) or train a LoRA on the unquantized base.")
+                         f"{'FSDP' if engine == 'fsdp' else 'ZeRO-3'} in ftkit: sharding bitsandbytes' packed weights "
+                         "needs bnb_4bit_quant_storage set to the compute dtype, which ftkit does not set up or test; "
+                         "use deepspeed: ds_z2 (the base is replicated, the adapter's states sharded) or train a LoRA "
+                         "on the unquantized base.")
     return launch
 
 
@@ -268,8 +267,9 @@ def deepspeed_file(value: str) -> Path:
                      f"shipped ones by name ({', '.join(DEEPSPEED_NAMES)}).")
 
 
-def deepspeed_config(config: Any) -> dict[str, Any]:
-    """The DeepSpeed config of ``config.deepspeed`` as the Trainer gets it, after checking it against the run.
+def deepspeed_config(config: Any, world_size: int = 1) -> dict[str, Any]:
+    """The DeepSpeed config of ``config.deepspeed`` as the Trainer gets it, after checking it against the run
+    in ``world_size`` processes.
 
     ``auto`` values are left for transformers to fill from the training config; a number that contradicts it
     is refused here, naming both. ZeRO-3 gathers the full weights on the final save, so the output loads
@@ -287,6 +287,9 @@ def deepspeed_config(config: Any) -> dict[str, Any]:
     packed = " (1 with packing: one packed row per step)" if config.uses_packing else ""
     checks = [
         ("train_micro_batch_size_per_gpu", micro, f"per_device_train_batch_size is {micro}{packed}"),
+        ("train_batch_size", micro * config.gradient_accumulation_steps * world_size,
+         f"batch size is {micro * config.gradient_accumulation_steps * world_size} (per_device_train_batch_size "
+         f"{micro} x gradient_accumulation_steps {config.gradient_accumulation_steps} x {world_size} processes)"),
         ("gradient_accumulation_steps", config.gradient_accumulation_steps,
          f"gradient_accumulation_steps is {config.gradient_accumulation_steps}"),
         ("gradient_clipping", config.max_grad_norm, f"max_grad_norm is {config.max_grad_norm:g}"),
@@ -327,10 +330,10 @@ def deepspeed_config(config: Any) -> dict[str, Any]:
     return values
 
 
-def _zero_stage(config: Any) -> int | None:
+def _zero_stage(config: Any, world_size: int) -> int | None:
     if not config.deepspeed:
         return None
-    return (deepspeed_config(config).get("zero_optimization") or {}).get("stage", 0)
+    return (deepspeed_config(config, world_size).get("zero_optimization") or {}).get("stage", 0)
 
 
 def _lookup(values: dict[str, Any], dotted: str) -> Any:

@@ -442,7 +442,7 @@ def _engine_arguments(config: TrainConfig) -> dict[str, Any]:
 
     arguments: dict[str, Any] = {}
     if config.deepspeed:
-        arguments["deepspeed"] = deepspeed_config(config)
+        arguments["deepspeed"] = deepspeed_config(config, world_size())
     if config.fsdp:
         arguments["fsdp"], arguments["fsdp_config"] = True, fsdp_settings(config)
     if world_size() > 1 and not _has_accelerator():
