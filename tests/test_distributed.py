@@ -141,6 +141,36 @@ def test_two_processes_train_exactly_as_one_process_with_their_combined_batch(ti
     assert max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-5
 
 
+def test_tensor_parallel_full_finetune_trains_as_one_process_and_resumes_its_split_checkpoints(tiny_llama_dir,
+                                                                                              tmp_path):
+    """tp_size 2: every layer's weights split over 2 processes (both see the same batch), the same optimisation as
+    one process; its checkpoints (each process's shards, torch's distributed checkpoint) resume exactly."""
+    from transformers import AutoModelForCausalLM
+
+    values = keys(tiny_llama_dir, tmp_path / "unused", finetuning_type="full", learning_rate=1e-3,
+                  group_by_length=False, learned_check=False, tp_size=2)
+    config = write_config(tmp_path, values)
+    one, split, resumed = tmp_path / "one", tmp_path / "split", tmp_path / "resumed"
+    output = run(config, f"output_dir={split}")
+    assert "x 2 processes (tensor parallel)" in output
+    assert_one_writer(split, output)
+    run(config, f"output_dir={one}", "nproc_per_node=1", "tp_size=1", "save_strategy=no")
+    assert losses(split) == pytest.approx(losses(one), abs=1e-4)
+    assert losses(split)[-1] < losses(split)[0] - 0.1
+    want = AutoModelForCausalLM.from_pretrained(one).state_dict()
+    got = AutoModelForCausalLM.from_pretrained(split).state_dict()  # gathered: one plain model
+    assert got.keys() == want.keys() and max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-4
+    checkpoint = split / "checkpoint-4"
+    assert (checkpoint / "split_state").is_dir()
+    assert json.loads((checkpoint / CHECKPOINT_MANIFEST).read_text())["engine"] == "tensor parallel"
+
+    run(config, f"output_dir={resumed}", f"resume_from_checkpoint={checkpoint}")
+    assert [r["step"] for r in read_log(resumed) if "loss" in r] == list(range(5, MAX_STEPS + 1))
+    assert losses(resumed) == pytest.approx(losses(split)[4:], abs=1e-6)
+    again = AutoModelForCausalLM.from_pretrained(resumed).state_dict()
+    assert max((again[k] - got[k]).abs().max().item() for k in got) <= 1e-6
+
+
 def test_a_deepspeed_checkpoint_is_resumed_only_by_as_many_processes(tmp_path):
     from ftkit.train.checkpoints import plan_resume, write_checkpoint_manifest
 
@@ -153,7 +183,7 @@ def test_a_deepspeed_checkpoint_is_resumed_only_by_as_many_processes(tmp_path):
     with pytest.raises(FtkitError) as caught:
         plan_resume(tmp_path, None, False, world_size=4, report=print)
     assert str(caught.value) == (
-        f"{checkpoint} was saved by 2 DeepSpeed processes and this run has 4; DeepSpeed resumes its ZeRO shards only "
+        f"{checkpoint} was saved by 2 DeepSpeed processes and this run has 4; DeepSpeed shards resume only "
         "with as many processes as saved them, so launch 2 (nproc_per_node x nnodes), or start over with "
         "resume_from_checkpoint: false and overwrite_output_dir: true.")
 
@@ -317,6 +347,31 @@ def test_process_counts_ports_and_engines_this_machine_cannot_run_are_refused(ti
         port = busy.getsockname()[1]
         assert refused(keys(tiny_llama_dir, out, master_port=port)).startswith(
             f"master_port {port} on 127.0.0.1 is not free")
+
+
+def test_tensor_parallel_settings_that_cannot_split_the_model_are_refused(tiny_llama_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    full = {"finetuning_type": "full", "tp_size": 2}
+    assert refused(keys(tiny_llama_dir, out, tp_size=2)).startswith(
+        "tp_size 2 works with finetuning_type full or freeze: peft's lora layers do not follow")
+    assert refused(keys(tiny_llama_dir, out, finetuning_type="full", tp_size=2, nproc_per_node=1)) == (
+        "tp_size 2 does not divide the 1 processes (nproc_per_node x nnodes); choose a tp_size that does (the "
+        "processes beyond tp_size shard the model by FSDP).")
+    odd = shutil.copytree(tiny_llama_dir, tmp_path / "odd")
+    settings = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**settings, "num_key_value_heads": 1}))
+    assert refused({**keys(odd, out), **full}) == (
+        "tp_size 2 does not divide the model's num_key_value_heads (1): each process takes an equal share; choose a "
+        "tp_size that divides 1.")
+    (odd / "config.json").write_text(json.dumps({**settings, "model_type": "gpt2"}))
+    assert refused({**keys(odd, out), **full}).startswith(
+        "the gpt2 architecture of " + str(odd) + " has no tensor-parallel plan in transformers")
+    with pytest.raises(FtkitError) as caught:
+        load_stage_config(TrainConfig, None, {**keys(tiny_llama_dir, out, deepspeed="ds_z3"), **full})
+    assert "tp_size 2 splits the model itself and shards the remaining processes by FSDP; remove deepspeed" in str(
+        caught.value)
 
 
 def test_a_missing_deepspeed_install_is_named(tiny_llama_dir, tmp_path):

@@ -430,8 +430,6 @@ FOREIGN_KEYS: dict[str, ForeignKey] = {
     "ray_scope": _ignored("ignored: a Ray Tune hyperparameter-search setting; ftkit does not run hyperparameter searches.", "last"),
     "save_safetensors": _refused("ftkit always saves safetensors; .bin checkpoints are not supported.", True),
     "torchdynamo": _ignored("ignored: removed from transformers; use torch_compile: true with torch_compile_backend."),
-    "tp_size": _refused("tensor parallelism is not supported: accelerate trains it only on GPUs, where ftkit cannot test it; "
-                        "deepspeed: ds_z3 or fsdp: full_shard split big models.", 0),
 
 
     "pipeline_parallel_size": _refused(_PIPELINE, 1),

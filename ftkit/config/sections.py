@@ -427,6 +427,10 @@ class TrainingSection(Section):
     nproc_per_node: int | None = Field(
         None, ge=1, le=1024, description="Processes per node (default: the GPUs visible; required without GPUs)."
     )
+    tp_size: int = Field(
+        1, ge=1, le=1024, description="Tensor parallelism: split every layer's weights over this many processes "
+        "(transformers' tp_plan; full or freeze fine-tuning); the processes beyond it shard by FSDP."
+    )
     nnodes: int = Field(1, ge=1, le=4096, description="Nodes in the run (each runs `ftkit train` with its node_rank).")
     node_rank: int = Field(0, ge=0, description="This node's number, 0 to nnodes - 1; node 0 hosts the rendezvous.")
     master_addr: str = Field("127.0.0.1", description="Address of node 0, reachable from every node.")
@@ -481,6 +485,9 @@ class TrainingSection(Section):
             found.append(("report_to", "report_to lists 'none' together with a logger; keep one or the other."))
         if self.deepspeed and self.fsdp:
             found.append(("fsdp", "deepspeed and fsdp are both set; they are two ways of sharding a run, choose one."))
+        if self.tp_size > 1 and (self.deepspeed or self.fsdp):
+            found.append(("tp_size", f"tp_size {self.tp_size} splits the model itself and shards the remaining processes "
+                          f"by FSDP; remove {'deepspeed' if self.deepspeed else 'fsdp'} (or set tp_size: 1)."))
         if self.fsdp_config is not None and not self.fsdp:
             found.append(("fsdp_config", "fsdp_config has no effect without fsdp; set fsdp (for example fsdp: "
                           "full_shard) or remove fsdp_config."))

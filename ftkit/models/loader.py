@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -183,11 +184,14 @@ def load_model(
     attn_implementation: AttnImplementation = "auto",
     trust_remote_code: bool = False,
     device: torch.device | None = None,
+    tensor_parallel: int = 1,
 ) -> PreTrainedModel:
     """Load a causal LM from ``source`` in ``dtype`` (or 4/8-bit bitsandbytes) on ``device`` (CPU if None).
 
     Quantized weights are placed on ``device`` (default: ``default_device()``) while loading, as
     bitsandbytes requires; other models load on CPU and move to ``device`` when one is given.
+    ``tensor_parallel`` above 1 (inside a multi-process launch) splits the weights over that many processes by
+    the model's tp_plan, the other processes sharding by FSDP (transformers' ``DistributedConfig``).
     """
     from transformers import AutoModelForCausalLM
 
@@ -213,10 +217,16 @@ def load_model(
             double_quantization=double_quantization, compute_dtype=half,
         )
         kwargs["device_map"] = {"": str(target)}
-    elif device is not None and device.type != "cpu":
+    elif device is not None and device.type != "cpu" and tensor_parallel == 1:  # a split model places its own shards
         kwargs["device_map"] = {"": str(device)}
     if _is_torchao_static_int8(source):
         return _load_torchao_static_int8(source, dtype)
+    if tensor_parallel > 1:
+        from transformers.distributed import DistributedConfig
+
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        kwargs["distributed_config"] = DistributedConfig(tp_size=tensor_parallel,
+                                                         fsdp_size=max(1, processes // tensor_parallel))
     try:
         model, info = AutoModelForCausalLM.from_pretrained(str(source.path), output_loading_info=True, **kwargs)
     except _LOAD_ERRORS as error:

@@ -260,14 +260,15 @@ def _resumable(output_dir: Path, report: Callable[[str], None] | None) -> list[C
 
 
 def _resumed_by(checkpoint: Checkpoint, world_size: int, report: Callable[[str], None] | None) -> Checkpoint:
-    """Refuse a DeepSpeed checkpoint saved by another number of processes; note it for the other engines."""
+    """Refuse a DeepSpeed or tensor-parallel checkpoint saved by another number of processes; note it for the others."""
     manifest = read_checkpoint_manifest(checkpoint.path) or {}
     saved = int(manifest.get("processes", 1))
     if saved == world_size:
         return checkpoint
-    if manifest.get("engine") == "deepspeed":
-        raise FtkitError(f"{checkpoint.path} was saved by {saved} DeepSpeed processes and this run has {world_size}; "
-                         f"DeepSpeed resumes its ZeRO shards only with as many processes as saved them, so launch "
+    if manifest.get("engine") in ("deepspeed", "tensor parallel"):
+        engine = "DeepSpeed" if manifest["engine"] == "deepspeed" else "tensor-parallel"
+        raise FtkitError(f"{checkpoint.path} was saved by {saved} {engine} processes and this run has {world_size}; "
+                         f"{engine} shards resume only with as many processes as saved them, so launch "
                          f"{saved} (nproc_per_node x nnodes), or start over with resume_from_checkpoint: false and "
                          "overwrite_output_dir: true.")
     if report is not None:

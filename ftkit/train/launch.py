@@ -1,9 +1,9 @@
 """Training in several processes: what a config asks for, what is refused before any process starts, the launch.
 
-``ftkit train`` with ``deepspeed:``, ``fsdp:``, ``nproc_per_node`` above 1 or ``nnodes`` above 1 (or
+``ftkit train`` with ``deepspeed:``, ``fsdp:``, ``tp_size``, ``nproc_per_node`` above 1 or ``nnodes`` above 1 (or
 LLaMA-Factory's ``FORCE_TORCHRUN=1``) starts itself again in ``nproc_per_node`` processes per node under
-torch's elastic launcher, the machinery behind ``torchrun``, called in-process. One launcher serves the
-three engines: the HF Trainer drives DeepSpeed and FSDP through accelerate, which needs only the
+torch's elastic launcher, the machinery behind ``torchrun``, called in-process. One launcher serves every
+engine: the HF Trainer drives DeepSpeed, FSDP and tensor parallelism through accelerate, which needs only the
 environment torchrun sets (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` ...). So nodes, ports and failures
 are handled one way, and a run started by the user's own ``torchrun``, ``accelerate launch`` or
 ``deepspeed`` launcher (``LOCAL_RANK`` set) simply trains as the rank it was given.
@@ -50,7 +50,7 @@ DEFAULT_MULTINODE_PORT = 29500  # torchrun's default; every node must agree on i
 class Launch:
     """How many processes, where they meet, and on which engine."""
 
-    engine: str  # "deepspeed", "fsdp" or "ddp"
+    engine: str  # "deepspeed", "fsdp", "tensor parallel" or "ddp"
     nproc_per_node: int
     nnodes: int = 1
     node_rank: int = 0
@@ -143,10 +143,12 @@ def wants_launch(config: Any, env: dict[str, str] | None = None) -> bool:
         return False
     forced = env.get("FORCE_TORCHRUN", "").lower() in ("1", "true", "yes")
     return bool(config.deepspeed or config.fsdp or (config.nproc_per_node or 1) > 1 or config.nnodes > 1 or forced
-                or (_env_int(env, "NNODES") or 1) > 1)
+                or config.tp_size > 1 or (_env_int(env, "NNODES") or 1) > 1)
 
 
 def engine_of(config: Any) -> str:
+    if config.tp_size > 1:
+        return "tensor parallel"
     return "deepspeed" if config.deepspeed else "fsdp" if config.fsdp else "ddp"
 
 
@@ -156,7 +158,7 @@ def plan_launch(config: Any, env: dict[str, str] | None = None) -> Launch:
     import torch
 
     engine = engine_of(config)
-    packages = {"deepspeed": ["accelerate", "deepspeed"], "fsdp": ["accelerate"], "ddp": ["accelerate"]}[engine]
+    packages = ["accelerate", "deepspeed"] if engine == "deepspeed" else ["accelerate"]
     for package in packages:
         if not _installed(package):
             install = "pip install 'ftkit[distributed]'" if package == "deepspeed" else f"pip install {package}"
@@ -189,6 +191,8 @@ def plan_launch(config: Any, env: dict[str, str] | None = None) -> Launch:
     elif node_rank == 0:
         _check_port_free(addr, port)
     launch = Launch(engine, nproc, nnodes, node_rank, addr, port)
+    if engine == "tensor parallel":
+        tensor_parallel_check(config, launch.world_size)
     if engine == "deepspeed":
         deepspeed_config(config, world_size=launch.world_size)
     if config.quantization_bits is not None and (engine == "fsdp" or _zero_stage(config, launch.world_size) == 3):
@@ -198,6 +202,49 @@ def plan_launch(config: Any, env: dict[str, str] | None = None) -> Launch:
                          "use deepspeed: ds_z2 (the base is replicated, the adapter's states sharded) or train a LoRA "
                          "on the unquantized base.")
     return launch
+
+
+def tensor_parallel_check(config: Any, world: int) -> None:
+    """Refuse a ``tp_size`` that cannot split this model over these processes, before any process starts.
+
+    transformers splits the model at load time by its ``base_model_tp_plan`` (attention heads and MLP columns
+    over ``tp_size`` processes, the rest of the processes sharding by FSDP). peft's LoRA layers do not follow
+    that plan on row-parallel layers (o_proj, down_proj fail with a shape error in peft 0.21), so only full
+    and freeze fine-tuning run tensor parallel.
+    """
+    tp = config.tp_size
+    if config.uses_lora:
+        raise FtkitError(f"tp_size {tp} works with finetuning_type full or freeze: peft's {config.finetuning_type} "
+                         "layers do not follow transformers' tensor-parallel split of o_proj and down_proj; for an "
+                         "adapter on a model too big for one device use fsdp: full_shard or deepspeed: ds_z3.")
+    if world % tp:
+        raise FtkitError(f"tp_size {tp} does not divide the {world} processes (nproc_per_node x nnodes); choose a "
+                         f"tp_size that does (the processes beyond tp_size shard the model by FSDP).")
+    from ftkit.models.structure import local_config_dir
+
+    folder = local_config_dir(config)
+    if folder is None:  # not on this machine yet: the load in each process reports what does not fit
+        return
+    try:
+        model_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    model_config = model_config.get("text_config", model_config)
+    from transformers import AutoConfig
+
+    try:
+        plan = getattr(AutoConfig.for_model(model_config.get("model_type", "")), "base_model_tp_plan", None)
+    except ValueError:
+        plan = None
+    if not plan:
+        raise FtkitError(f"the {model_config.get('model_type', 'unknown')} architecture of {config.model_name_or_path} "
+                         "has no tensor-parallel plan in transformers (base_model_tp_plan); use fsdp: full_shard or "
+                         "deepspeed: ds_z3 to split it over processes.")
+    for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        value = model_config.get(key)
+        if isinstance(value, int) and value % tp:
+            raise FtkitError(f"tp_size {tp} does not divide the model's {key} ({value}): each process takes an equal "
+                             f"share; choose a tp_size that divides {value}.")
 
 
 def _installed(package: str) -> bool:
@@ -212,6 +259,8 @@ def _reason(config: Any) -> str:
         return f"deepspeed: {config.deepspeed}"
     if config.fsdp:
         return f"fsdp: {config.fsdp}"
+    if config.tp_size > 1:
+        return f"tp_size: {config.tp_size}"
     return "multi-process training"
 
 

@@ -135,6 +135,7 @@ def _train(loaded: LoadedConfig, folder: RunFolder) -> TrainResult:
         LazyModel,
         LoadOptions,
         default_device,
+        load_model,
         load_tokenizer,
         model_source_from_config,
         prepare_model_for_training,
@@ -161,7 +162,8 @@ def _train(loaded: LoadedConfig, folder: RunFolder) -> TrainResult:
     load_dtype = resolve_load_dtype(precision, config.finetuning_type)
     load_options = LoadOptions.from_config(config)
     # The model to train, loaded on first use: self-replay generation may need it while data is prepared.
-    base_model = LazyModel.of(source, dtype=load_dtype, device=device, options=load_options)
+    base_model = LazyModel(lambda: load_model(source, dtype=load_dtype, device=device,
+                                              tensor_parallel=config.tp_size, **load_options.as_kwargs()))
 
     # A separate check model only where its dtype differs from the training model's (a bf16 base on a CPU);
     # on GPUs the model being trained answers (a second full-precision copy may not fit beside a QLoRA run),

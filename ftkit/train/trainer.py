@@ -19,6 +19,12 @@
    resumed at a round end before it trains on (``ftkit.train.small_sets``).
 8. FSDP runs on CPU processes too: accelerate enables its FSDP plugin only on accelerator devices (a CPU
    launch stays plain data parallel, silently unsharded), while FSDP2 itself shards on CPU over gloo.
+9. A model split at load time (``tp_size``: transformers' tensor parallelism) trains on CPU processes too, and
+   resumes: accelerate refuses its parallelism settings on a CPU launch (it validates them only for GPU-like
+   devices, though DTensor runs on gloo), and transformers refuses checkpoints for such a model because
+   ``torch.save`` of one process's optimizer would keep only its shard. ftkit gives accelerate the settings
+   after it is made, and saves and loads weights and optimizer state with torch's distributed checkpoint,
+   each process writing its own shards.
 Everything else (optimizer, scheduler, accumulation, RNG state, resume, data skipping) is the Trainer's.
 """
 
@@ -45,6 +51,7 @@ from ftkit.train.lora_variants import (
 from ftkit.train.loss import chunked_loss_sum, plain_loss_sum, shifted_targets, supports_chunked_loss
 
 LOSS_STATE_FILE = "ftkit_state.json"
+SPLIT_STATE_DIR = "split_state"  # weights and optimizer of a model split at load time, one file per process
 
 
 class SeededLengthGroupedSampler(Sampler[int]):
@@ -84,7 +91,16 @@ class FtkitTrainer(Trainer):
 
     def __init__(self, *args, length_grouping: bool = False, loraplus: tuple[float, float] | None = None,
                  **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+        split = getattr(kwargs.get("model"), "is_distributed_loading_by_transformers", False)
+        arguments = kwargs.get("args")
+        model_only = arguments.save_only_model if arguments is not None else False
+        if split and arguments is not None:  # the Trainer refuses full checkpoints of it; ftkit writes them (9.)
+            arguments.save_only_model = True
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if arguments is not None:
+                arguments.save_only_model = model_only
         self.length_grouping = length_grouping
         self.loraplus = loraplus  # (B's learning-rate ratio, the embedding learning rate) or None
         self.tokens_seen = 0  # real (non-padding) tokens since this process started
@@ -103,6 +119,19 @@ class FtkitTrainer(Trainer):
         self.loss_is_scaled_for_ga = True
 
     def create_accelerator_and_postprocess(self):
+        tp_size = getattr(self.model, "_tp_size", None) or 1
+        if tp_size > 1 and self.args.device.type == "cpu":  # (9.) accelerate refuses these settings on CPU
+            self.model._tp_size = None
+            try:
+                super().create_accelerator_and_postprocess()
+            finally:
+                self.model._tp_size = tp_size
+            from accelerate import ParallelismConfig
+
+            settings = ParallelismConfig(tp_size=tp_size, dp_shard_size=self.model.config.distributed_config.dp_size)
+            self.accelerator.state.parallelism_config = settings
+            self.accelerator.state.device_mesh = settings.get_device_mesh("cpu")
+            return
         super().create_accelerator_and_postprocess()
         if self.args.fsdp_plugin_args is not None and not self.is_fsdp_enabled:
             from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
@@ -196,7 +225,7 @@ class FtkitTrainer(Trainer):
             # num_items_in_batch counts every process's trained tokens, and DDP/DeepSpeed/FSDP average the
             # gradients over the processes: scaled back, the step is the token mean of the whole global batch,
             # as in one process (the Trainer's own compute_loss does the same).
-            loss = loss * self.accelerator.num_processes
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # the data-parallel processes
         if model.training:
             penalty = adalora_orthogonal_penalty(self.accelerator.unwrap_model(model))
             if penalty is not None:  # once per optimizer step: each micro-batch's loss is summed over the window
@@ -212,11 +241,46 @@ class FtkitTrainer(Trainer):
         return loss.detach(), None, None
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if self.is_distributed_loading_by_transformers:  # (9.) its shards load with the optimizer's
+            return
         # An AdaLoRA checkpoint's adapter file is pruned to the ranks of that step; its full-rank weights and
         # the allocator's scores are in adalora_state.pt (peft would otherwise shrink the modules on load).
         if model is None and load_adalora_state(self.model, Path(resume_from_checkpoint)):
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    # -- a model split at load time (9.) ------------------------------------------------------------------
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.is_distributed_loading_by_transformers:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        import torch.distributed.checkpoint as dcp
+        from transformers.trainer import SCHEDULER_NAME
+
+        dcp.save(self._split_state(), checkpoint_id=os.path.join(output_dir, SPLIT_STATE_DIR))
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not self.is_distributed_loading_by_transformers:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+        from transformers.trainer import SCHEDULER_NAME
+
+        state = self._split_state()
+        dcp.load(state, checkpoint_id=os.path.join(checkpoint, SPLIT_STATE_DIR))
+        set_state_dict(self.model, self._torch_optimizer(), model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
+
+    def _split_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(self.model, self._torch_optimizer())
+        return {"model": model_state, "optimizer": optimizer_state}
+
+    def _torch_optimizer(self):
+        return getattr(self.optimizer, "optimizer", self.optimizer)  # under accelerate's AcceleratedOptimizer
 
     # -- atomic checkpoints ---------------------------------------------------------------------------
     def _get_output_dir(self, trial):
@@ -247,6 +311,7 @@ class FtkitTrainer(Trainer):
                 json.dump(state, f)
         save_adalora_state(self.model, Path(staging) / name)
         engine = "deepspeed" if self.is_deepspeed_enabled else "fsdp" if self.is_fsdp_enabled else \
+            "tensor parallel" if self.is_distributed_loading_by_transformers else \
             "ddp" if self.args.world_size > 1 else "single"
         write_checkpoint_manifest(Path(staging) / name, processes=self.args.world_size, engine=engine)
         final = os.path.join(run_dir, name)
