@@ -11,11 +11,11 @@ turn gradient checkpointing on, ftkit decides from the data. Two workloads:
 
 Three model sizes: the embedded SmolLM2-135M-Instruct, and random-initialised models built here from the
 published configs of SmolLM2-360M and Llama-3.2-1B (throughput and memory need no trained weights; the
-SmolLM2 tokenizer's ids fit both vocabularies). Above 135M the runs stop after ``--steps`` optimizer steps.
+SmolLM2 tokenizer's ids fit both vocabularies). Above 135M every tool trains one epoch of the same
+``--steps`` x 8 conversations, drawn once by a seeded shuffle, so the runs stay short and equal.
 
-Useful tokens/s = the real (non-padding) tokens of the examples trained on (steps x batch x the mean
-example length, the same for every tool; a whole epoch's tokens exactly) over the Trainer's own
-``train_runtime``. Peak RSS = the training process's maximum resident set size. Ceiling = this machine's
+Useful tokens/s = the real (non-padding) tokens of the examples trained on (each example's tokens under the
+model's chat template, times the epochs: the same for every tool) over the Trainer's own ``train_runtime``. Peak RSS = the training process's maximum resident set size. Ceiling = this machine's
 matmul rate at the model's shapes in the training precision, over 4 x the linear layers' parameters per token
 (forward, and the backward's input gradients; LoRA adds under 1%).
 
@@ -68,8 +68,9 @@ def fast_bf16() -> bool:
 
 
 # -- data and models ----------------------------------------------------------------------------------------
-def conversations(workload: str) -> list[list[dict[str, str]]]:
-    """The workload's conversations, normalised by ftkit's own readers so every tool sees the same ones."""
+def conversations(workload: str, subset: int = 0) -> list[list[dict[str, str]]]:
+    """The workload's conversations, normalised by ftkit's own readers so every tool sees the same ones;
+    ``subset`` > 0: that many of them, drawn by a seeded shuffle."""
     from ftkit.config import TrainConfig
     from ftkit.data.formats import records_to_conversations
     from ftkit.data.readers import read_records
@@ -83,17 +84,30 @@ def conversations(workload: str) -> list[list[dict[str, str]]]:
         convs, _ = records_to_conversations(read_records(spec), spec, replacements={
             "{{name}}": config.identity_name, "{{author}}": config.identity_author})
         result.extend(convs)
+    if subset:
+        import random
+
+        random.Random(0).shuffle(result)
+        result = result[:subset]
     return result
 
 
-def mean_tokens(workload: str, model_dir: Path) -> float:
-    """Mean real tokens per example under the model's chat template (what every tool trains on)."""
+def write_dataset(convs: list, folder: Path) -> None:
+    """``convs`` as a sharegpt-style dataset named ``bench`` (OpenAI messages), for ftkit and LLaMA-Factory."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "bench.json").write_text(json.dumps([{"messages": c} for c in convs]))
+    (folder / "dataset_info.json").write_text(json.dumps({"bench": {
+        "file_name": "bench.json", "formatting": "sharegpt", "columns": {"messages": "messages"},
+        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+                 "system_tag": "system"}}}))
+
+
+def total_tokens(convs: list, model_dir: Path) -> int:
+    """Real tokens of ``convs`` under the model's chat template (what every tool trains on, per epoch)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    lengths = [len(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"])
-               for c in conversations(workload)]
-    return sum(lengths) / len(lengths)
+    return sum(len(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]) for c in convs)
 
 
 def model_dir(size: str, cache: Path) -> Path:
@@ -155,9 +169,9 @@ def run_trl(job: dict, workdir: Path) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(job["model"])
     model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32)
-    dataset = Dataset.from_list([{"messages": c} for c in conversations(job["workload"])])
+    dataset = Dataset.from_list([{"messages": c} for c in conversations(job["workload"], job["subset"])])
     args = SFTConfig(output_dir=str(workdir / "trl"), per_device_train_batch_size=BATCH, learning_rate=LR,
-                     num_train_epochs=job["epochs"], max_steps=job["max_steps"], use_cpu=True, bf16=job["bf16"],
+                     num_train_epochs=job["epochs"], use_cpu=True, bf16=job["bf16"],
                      logging_steps=5, save_strategy="no", report_to=[], seed=42, max_length=1024, disable_tqdm=True)
     peft_config = LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0, target_modules="all-linear",
                              task_type="CAUSAL_LM")
@@ -173,10 +187,13 @@ def run_ftkit(job: dict, workdir: Path) -> dict:
     from ftkit.train import run_training
 
     datasets, folder, _ = WORKLOADS[job["workload"]]
+    if job["subset"]:
+        datasets, folder = "bench", workdir / "data"
+        write_dataset(conversations(job["workload"], job["subset"]), folder)
     config = TrainConfig(
         model_name_or_path=str(job["model"]), output_dir=str(workdir / "ftkit"), dataset=datasets,
         dataset_dir=str(folder), finetuning_type="lora", lora_rank=RANK, lora_target="all",
-        per_device_train_batch_size=BATCH, num_train_epochs=job["epochs"], max_steps=job["max_steps"],
+        per_device_train_batch_size=BATCH, num_train_epochs=job["epochs"],
         learning_rate=LR, bf16=job["bf16"], logging_steps=5, save_strategy="no", cutoff_len=1024, plot_loss=False,
         # the forgetting guard adds data and generation the others do not do; bench/forgetting.py measures it
         replay_ratio=0, system_prompt_variants=False, general_check=False, learned_check=False, **FTKIT_OPTIONS,
@@ -189,19 +206,14 @@ def run_ftkit(job: dict, workdir: Path) -> dict:
 def run_llamafactory(job: dict, workdir: Path) -> dict:
     """``llamafactory-cli train`` from its own venv on the same conversations (OpenAI-style messages)."""
     data = workdir / "data"
-    data.mkdir()
-    (data / "bench.json").write_text(json.dumps([{"messages": c} for c in conversations(job["workload"])]))
-    (data / "dataset_info.json").write_text(json.dumps({"bench": {
-        "file_name": "bench.json", "formatting": "sharegpt", "columns": {"messages": "messages"},
-        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
-                 "system_tag": "system"}}}))
+    write_dataset(conversations(job["workload"], job["subset"]), data)
     output = workdir / "llamafactory"
     settings = {
         "model_name_or_path": str(job["model"]), "stage": "sft", "do_train": True, "finetuning_type": "lora",
         "lora_rank": RANK, "lora_alpha": 2 * RANK, "lora_dropout": 0.0, "lora_target": "all",
         "dataset": "bench", "dataset_dir": str(data), "template": "smollm2", "cutoff_len": 1024,
         "output_dir": str(output), "per_device_train_batch_size": BATCH, "gradient_accumulation_steps": 1,
-        "learning_rate": LR, "num_train_epochs": job["epochs"], "max_steps": job["max_steps"] or -1,
+        "learning_rate": LR, "num_train_epochs": job["epochs"],
         "lr_scheduler_type": "cosine", "bf16": job["bf16"], "logging_steps": 5, "save_strategy": "no",
         "report_to": "none", "seed": 42, "overwrite_output_dir": True, "preprocessing_num_workers": 1,
         "use_cpu": True,
@@ -265,7 +277,8 @@ def main() -> None:
                         help=f"also measure {LLAMA_FACTORY}, installed into VENV if it is not there")
     parser.add_argument("--sizes", default="135m", help="comma-separated, from 135m, 360m, 1b (default: 135m)")
     parser.add_argument("--workloads", default="mix", help="comma-separated, from mix, identity (default: mix)")
-    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run above 135M (default: 12)")
+    parser.add_argument("--steps", type=int, default=6,
+                        help="above 135M, train one epoch of this many batches of the workload (default: 6)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "ftkit-bench-models",
                         help="where the random models are saved (reused)")
     args = parser.parse_args()
@@ -287,20 +300,16 @@ def main() -> None:
         gflops = matmul_gflops(folder, bf16)
         ceiling = gflops * 1e9 / (4 * linear_parameters(folder))
         for workload in args.workloads.split(","):
-            epochs = WORKLOADS[workload][2]
-            max_steps = args.steps if size != "135m" else -1
-            per_example = mean_tokens(workload, folder)
+            subset = args.steps * BATCH if size != "135m" else 0
+            epochs = WORKLOADS[workload][2] if not subset else 1
+            tokens = total_tokens(conversations(workload, subset), folder) * epochs
             results = {}
             for tool in tools:
                 job = {"tool": tool, "size": size, "workload": workload, "model": str(folder), "bf16": bf16,
-                       "epochs": epochs, "max_steps": max_steps,
+                       "epochs": epochs, "subset": subset,
                        "llamafactory": str(args.with_llamafactory.expanduser().resolve())
                        if args.with_llamafactory else None}
                 result = measure(job)
-                if max_steps > 0:
-                    tokens = result["steps"] * BATCH * per_example
-                else:
-                    tokens = per_example * len(conversations(workload)) * epochs
                 result.update(tool=tool, tokens=tokens, tokens_per_second=tokens / result["seconds"])
                 results[tool] = result
                 print(f"  {size} {workload} {NAMES[tool]}: {result['tokens_per_second']:.1f} tok/s, "
