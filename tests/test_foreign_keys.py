@@ -578,11 +578,11 @@ def test_transformers_gradient_checkpointing_key_is_honoured(tmp_path):
 
 
 def test_a_passthrough_key_with_the_wrong_type_is_an_error_naming_it(tmp_path):
-    path = write_config(tmp_path, {**MINIMAL_TRAIN, "adam_beta1": "high", "torch_compile": "yes"})
+    path = write_config(tmp_path, {**MINIMAL_TRAIN, "adam_beta1": "high", "tf32": "yes"})
     error = load_error(TrainConfig, path)
     assert error.problems == [
         f"{path}:3: adam_beta1: expected float, got 'high'.",
-        f"{path}:4: torch_compile: expected bool, got 'yes'.",
+        f"{path}:4: tf32: expected bool, got 'yes'.",
     ]
 
 

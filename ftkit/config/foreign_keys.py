@@ -84,6 +84,7 @@ _MULTI_DEVICE = ("ftkit spreads a run over devices with deepspeed: (ZeRO 0-3, of
                  "sharding), data parallel; use one of those keys instead.")
 _PIPELINE = ("ftkit does not pipeline layers across devices (the model would need cutting into stages); "
              "deepspeed: ds_z3 or fsdp: full_shard split a model with no rewrite.")
+_COMPILE = "ignored: ftkit's loss calls the decoder and head itself, so a compiled model would never run; no faster on CPU."
 _TEXT_ONLY = "ignored: ftkit trains text-only models, so image, video and audio settings have no effect."
 _MULTIMODAL_FREEZE = "ignored: ftkit trains text-only models, which have no vision tower or multimodal projector."
 _NEW_TOKENS = "ftkit does not add tokens to the tokenizer or resize embeddings; use a model whose vocabulary has them."
@@ -429,7 +430,10 @@ FOREIGN_KEYS: dict[str, ForeignKey] = {
     "push_to_hub_token": _ignored(_HUB),
     "ray_scope": _ignored("ignored: a Ray Tune hyperparameter-search setting; ftkit does not run hyperparameter searches.", "last"),
     "save_safetensors": _refused("ftkit always saves safetensors; .bin checkpoints are not supported.", True),
-    "torchdynamo": _ignored("ignored: removed from transformers; use torch_compile: true with torch_compile_backend."),
+    "torchdynamo": _ignored(_COMPILE),
+    "torch_compile": _ignored(_COMPILE, False),
+    "torch_compile_backend": _ignored(_COMPILE),
+    "torch_compile_mode": _ignored(_COMPILE),
 
 
     "pipeline_parallel_size": _refused(_PIPELINE, 1),
@@ -475,9 +479,6 @@ TRAINING_ARGUMENT_TYPES: dict[str, str] = {
     "bf16_full_eval": "bool",
     "fp16_full_eval": "bool",
     "tf32": "bool",
-    "torch_compile": "bool",
-    "torch_compile_backend": "str",
-    "torch_compile_mode": "str",
     "use_liger_kernel": "bool",
     "liger_kernel_config": "dict",
     "torch_empty_cache_steps": "int",
