@@ -147,8 +147,9 @@ def test_tensor_parallel_full_finetune_trains_as_one_process_and_resumes_its_spl
     one process; its checkpoints (each process's shards, torch's distributed checkpoint) resume exactly."""
     from transformers import AutoModelForCausalLM
 
+    # replay on: rank 0 generates it alone, with a plain copy (the split model loads in every process at once)
     values = keys(tiny_llama_dir, tmp_path / "unused", finetuning_type="full", learning_rate=1e-3,
-                  group_by_length=False, learned_check=False, tp_size=2)
+                  group_by_length=False, learned_check=False, tp_size=2, replay_ratio=0.5)
     config = write_config(tmp_path, values)
     one, split, resumed = tmp_path / "one", tmp_path / "split", tmp_path / "resumed"
     output = run(config, f"output_dir={split}")

@@ -171,10 +171,16 @@ def _train(loaded: LoadedConfig, folder: RunFolder) -> TrainResult:
     # alone: the model being trained may be sharded across the processes.
     separate_check = (general_check_dtype(device, load_dtype) != load_dtype and config.uses_lora
                       and not config.adapter_name_or_path) or world_size() > 1
-    answers = BaseModelAnswers(config, source, template.jinja, load_options, load_dtype, tokenizer, base_model,
+    # Rank 0 generates self-replay alone; a tensor-parallel model loads in every process at once, so it
+    # generates with a plain copy, dropped once the data is ready.
+    replay_model = LazyModel.of(source, dtype=load_dtype, device=device, options=load_options) \
+        if config.tp_size > 1 else base_model
+    answers = BaseModelAnswers(config, source, template.jinja, load_options, load_dtype, tokenizer, replay_model,
                                report=_say, device=device, separate_check=separate_check)
     with main_process_first():  # self-replay is generated once, by rank 0; the others read its cache
         data = prepare_guarded_dataset(config, tokenizer, answers)
+    if replay_model is not base_model:
+        replay_model.release()
     for note in data.notes:
         _say(escape(note))
     for stats in data.stats:
