@@ -263,6 +263,40 @@ def test_prepare_continues_the_configured_adapter(tmp_path, tiny_llama_dir):
     assert trainable_names(model) and all("lora_" in n for n in trainable_names(model))
 
 
+@pytest.mark.parametrize("keys", [{}, {"lora_dropout": 0.1}, {"use_dora": True}], ids=["plain", "dropout", "dora"])
+def test_the_fused_lora_sum_gives_peft_s_outputs_and_gradients(tiny_llama_dir, keys):
+    """Training swaps peft's LoRA linear layers for FusedLoraLinear (the sum in one addmm); outputs and every
+    gradient equal peft's own forward, and with dropout or DoRA it is peft's forward that runs."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from ftkit.models.fused_lora import FusedLoraLinear
+
+    config = train_config(lora_rank=4, disable_gradient_checkpointing=True, **keys)
+    fused = prepare_model_for_training(tiny(tiny_llama_dir), config)
+    plain = prepare_model_for_training(tiny(tiny_llama_dir), config)
+    layers = [m for m in plain.modules() if isinstance(m, LoraLinear)]
+    assert len(layers) == 2 * 7 and all(type(m) is FusedLoraLinear for m in layers)
+    for m in layers:
+        m.__class__ = LoraLinear  # peft's own forward, for reference
+    torch.manual_seed(0)
+    for name, param in fused.named_parameters():
+        if "lora_B" in name:  # B starts at zero, which would hide the adapter's part of the sum
+            param.data.normal_()
+    plain.load_state_dict(fused.state_dict())
+    fused.eval(), plain.eval()  # dropout off, so both draw the same (none)
+    losses = [model(input_ids=IDS, labels=IDS).loss for model in (fused, plain)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[0], losses[1])
+    grads = [{n: p.grad for n, p in model.named_parameters() if p.requires_grad} for model in (fused, plain)]
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+    if keys:  # peft's path, not the fused one: with dropout active the fused layer defers to it
+        layer = next(m for m in fused.modules() if type(m) is FusedLoraLinear)
+        assert layer._plain_adapter() is None
+
+
 @pytest.mark.slow
 def test_lora_all_on_the_embedded_model():
     model = load_model(resolve_model_source("smollm2-135m-instruct"), dtype=torch.bfloat16)

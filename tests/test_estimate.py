@@ -138,3 +138,28 @@ def test_the_plan_is_within_a_quarter_of_a_measured_cpu_run(tmp_path):
     planned = estimate(train_config(**{k: v for k, v in keys.items() if k != "model_name_or_path"},
                                     model="smollm2-135m-instruct"), cpu=True).plans["lora"][0]
     assert planned.total_without_checkpointing == pytest.approx(measured, rel=0.25), (planned, measured)
+
+
+def test_checkpointing_is_chosen_by_the_cpu_footprint_against_free_memory():
+    """On CPU the activations' real footprint (about 3x the estimate) is weighed against a fifth of free
+    memory: short rows of the embedded model stay fast, long rows of a 360M model checkpoint, a small machine
+    checkpoints both; on a GPU the budget is also capped at three times the fp32 weights."""
+    from transformers import LlamaConfig
+
+    from ftkit.train.memory import decide_gradient_checkpointing
+
+    small = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30)  # SmolLM2-135M's shapes
+    medium = LlamaConfig(hidden_size=960, intermediate_size=2560, num_hidden_layers=32)  # SmolLM2-360M's shapes
+    gib = 1024**3
+
+    def decide(config, tokens, device, free, parameters):
+        return decide_gradient_checkpointing(None, config, tokens, device, parameters, free_bytes=free * gib)
+
+    roomy = decide(small, 848, "cpu", 20, 135_000_000)
+    assert not roomy.enabled and "off (faster)" in roomy.reason and "848 tokens" in roomy.reason, roomy.reason
+    assert decide(small, 848, "cpu", 6, 135_000_000).enabled
+    assert decide(medium, 2_496, "cpu", 20, 362_000_000).enabled
+    assert not decide(small, 848, "cuda", 80, 135_000_000).enabled
+    assert decide(medium, 4_096, "cuda", 80, 362_000_000).enabled  # 6.4 GiB > 3 x 1.45 GB of fp32 weights
+    forced = decide_gradient_checkpointing(False, medium, 2_496, "cpu", 362_000_000, free_bytes=gib)
+    assert not forced.enabled and "set in the config" in forced.reason
