@@ -263,17 +263,21 @@ def test_prepare_continues_the_configured_adapter(tmp_path, tiny_llama_dir):
     assert trainable_names(model) and all("lora_" in n for n in trainable_names(model))
 
 
-@pytest.mark.parametrize("keys", [{}, {"lora_dropout": 0.1}, {"use_dora": True}], ids=["plain", "dropout", "dora"])
-def test_the_fused_lora_sum_gives_peft_s_outputs_and_gradients(tiny_llama_dir, keys):
+@pytest.mark.parametrize(("keys", "dtype", "autocast"), [
+    ({}, torch.float32, False), ({}, torch.bfloat16, False), ({}, torch.bfloat16, True),
+    ({"lora_dropout": 0.1}, torch.float32, False), ({"use_dora": True}, torch.float32, False),
+], ids=["plain", "bf16-base", "bf16-autocast", "dropout", "dora"])
+def test_the_fused_lora_sum_gives_peft_s_outputs_and_gradients(tiny_llama_dir, keys, dtype, autocast):
     """Training swaps peft's LoRA linear layers for FusedLoraLinear (the sum in one addmm); outputs and every
-    gradient equal peft's own forward, and with dropout or DoRA it is peft's forward that runs."""
+    gradient equal peft's own forward (on a bf16 base with fp32 adapters too, with and without autocast), and
+    with dropout or DoRA it is peft's forward that runs."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     from ftkit.models.fused_lora import FusedLoraLinear
 
     config = train_config(lora_rank=4, disable_gradient_checkpointing=True, **keys)
-    fused = prepare_model_for_training(tiny(tiny_llama_dir), config)
-    plain = prepare_model_for_training(tiny(tiny_llama_dir), config)
+    fused = prepare_model_for_training(tiny(tiny_llama_dir, dtype=dtype), config)
+    plain = prepare_model_for_training(tiny(tiny_llama_dir, dtype=dtype), config)
     layers = [m for m in plain.modules() if isinstance(m, LoraLinear)]
     assert len(layers) == 2 * 7 and all(type(m) is FusedLoraLinear for m in layers)
     for m in layers:
@@ -284,7 +288,8 @@ def test_the_fused_lora_sum_gives_peft_s_outputs_and_gradients(tiny_llama_dir, k
             param.data.normal_()
     plain.load_state_dict(fused.state_dict())
     fused.eval(), plain.eval()  # dropout off, so both draw the same (none)
-    losses = [model(input_ids=IDS, labels=IDS).loss for model in (fused, plain)]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        losses = [model(input_ids=IDS, labels=IDS).loss for model in (fused, plain)]
     for loss in losses:
         loss.backward()
     torch.testing.assert_close(losses[0], losses[1])

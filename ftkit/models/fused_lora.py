@@ -29,8 +29,8 @@ class FusedLoraLinear(LoraLinear):
         lora_a, lora_b = self.lora_A[adapter], self.lora_B[adapter]
         result = self.base_layer(x)
         hidden = lora_a(self._cast_input_dtype(x, lora_a.weight.dtype))
-        if hidden.dtype != result.dtype or lora_b.weight.dtype != hidden.dtype:  # no autocast over mixed dtypes
-            return result + lora_b(hidden) * self.scaling[adapter]
+        if hidden.dtype != result.dtype or lora_b.weight.dtype != hidden.dtype:  # a bf16 base, fp32 adapter, no autocast
+            return (result + lora_b(hidden) * self.scaling[adapter]).to(result.dtype)  # peft's sum, in its dtype
         fused = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]),
                             lora_b.weight.t(), alpha=self.scaling[adapter])
         return fused.view(result.shape)

@@ -225,23 +225,22 @@ def tensor_parallel_check(config: Any, world: int) -> None:
     folder = local_config_dir(config)
     if folder is None:  # not on this machine yet: the load in each process reports what does not fit
         return
-    try:
-        model_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    model_config = model_config.get("text_config", model_config)
     from transformers import AutoConfig
 
     try:
-        plan = getattr(AutoConfig.for_model(model_config.get("model_type", "")), "base_model_tp_plan", None)
-    except ValueError:
-        plan = None
+        model_config = AutoConfig.from_pretrained(folder).get_text_config()
+    except OSError:
+        return
+    except ValueError:  # a model_type this transformers does not know
+        model_config = None
+    plan = getattr(model_config, "base_model_tp_plan", None)
     if not plan:
-        raise FtkitError(f"the {model_config.get('model_type', 'unknown')} architecture of {config.model_name_or_path} "
-                         "has no tensor-parallel plan in transformers (base_model_tp_plan); use fsdp: full_shard or "
-                         "deepspeed: ds_z3 to split it over processes.")
+        architecture = getattr(model_config, "model_type", None) or "unknown"
+        raise FtkitError(f"the {architecture} architecture of {config.model_name_or_path} has no tensor-parallel plan "
+                         "in transformers (base_model_tp_plan); use fsdp: full_shard or deepspeed: ds_z3 to split it "
+                         "over processes.")
     for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
-        value = model_config.get(key)
+        value = getattr(model_config, key, None)
         if isinstance(value, int) and value % tp:
             raise FtkitError(f"tp_size {tp} does not divide the model's {key} ({value}): each process takes an equal "
                              f"share; choose a tp_size that divides {value}.")
