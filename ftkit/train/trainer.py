@@ -201,7 +201,6 @@ class FtkitTrainer(Trainer):
         self._created_lr_scheduler = True
         return self.lr_scheduler
 
-    # -- sampling -------------------------------------------------------------------------------------
     def floating_point_ops(self, inputs) -> int:
         if self._flop_parameters is None:
             counter = getattr(self.model, "num_parameters", None)
@@ -209,6 +208,7 @@ class FtkitTrainer(Trainer):
         ids = inputs.get(getattr(self.model, "main_input_name", "input_ids"))
         return 6 * ids.numel() * self._flop_parameters if ids is not None else 0
 
+    # -- sampling -------------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
         if not self.length_grouping:
             return super()._get_train_sampler(train_dataset)
