@@ -46,39 +46,15 @@ OverridesArg = Annotated[list[str] | None, typer.Argument(help="key=value overri
 def _load(schema_name: str, config: Path | None, overrides: list[str] | None):
     """Load and validate a stage config; a train config is also checked against its datasets and model."""
     from ftkit.config import STAGE_SCHEMAS, load_stage_config
+    from ftkit.data.registry import dataset_problems
 
-    checks = (_dataset_problems, _model_problems) if schema_name == "train" else ()
+    checks = (dataset_problems, _model_problems) if schema_name == "train" else ()
     loaded = load_stage_config(STAGE_SCHEMAS[schema_name], config, list(overrides or []), checks=checks)
     # The launcher of a multi-process run has said them; its processes (and ranks above 0 of any launch) do not.
     if int(os.environ.get("RANK", "0") or 0) == 0 and not os.environ.get("FTKIT_LAUNCHED"):
         for note in loaded.notes:
             console.print(f"[dim]note: {escape(note)}[/]", soft_wrap=True)
     return loaded
-
-
-def _dataset_problems(config) -> list[tuple[str, str]]:
-    """``dataset``, ``eval_dataset`` and a dataset ``replay_source`` resolved in the registry (no data is read)."""
-    from ftkit.config.sections import problem_from_sentence
-    from ftkit.data.registry import resolve_dataset
-
-    names = [("dataset", name) for name in config.dataset] + [("eval_dataset", n) for n in config.eval_dataset or []]
-    if config.stage == "sft" and config.replay_ratio != 0 and config.replay_source != "self":
-        names.append(("replay_source", config.replay_source))
-    found: list[tuple[str, str]] = []
-    for key, name in names:
-        try:
-            resolve_dataset(name, config.dataset_dir)
-        except FtkitError as error:
-            sentence = str(error)
-            sentence = sentence[0].lower() + sentence[1:]
-            if key == "replay_source":
-                sentence = f"replay_source {name!r} is neither self nor a usable dataset: {sentence}"
-            elif not sentence.startswith("dataset_dir"):
-                sentence = f"{key}: {sentence}"
-            problem = problem_from_sentence(sentence, type(config).model_fields, key)
-            if problem not in found:  # a registry problem (no dataset_info.json) once, not once per name
-                found.append(problem)
-    return found
 
 
 def _model_problems(config) -> list[tuple[str, str]]:
@@ -341,6 +317,26 @@ def estimate(
     from ftkit.estimate import run_estimate
 
     run_estimate(loaded.config, gpus=gpus, nodes=nodes, gpu_memory_gb=gpu_memory, cpu=cpu, as_json=as_json)
+
+
+@app.command()
+def board(
+    root: Annotated[str, typer.Option(help="The folder the page shows: every run whose output_dir is under it.")] = "saves",
+    host: Annotated[str, typer.Option(help="Address to listen on; any other than loopback needs --token.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0: any free one).")] = 7860,
+    token: Annotated[str | None, typer.Option(help="A secret every request must carry (default: "
+                                                   "$FTKIT_BOARD_TOKEN); open the page as /?token=SECRET.")] = None,
+    dataset_dir: Annotated[str, typer.Option("--dataset-dir", help="The dataset registry the Data tab shows.")] = "data",
+    configs: Annotated[str, typer.Option(help="A folder of YAML configs the Launch tab offers.")] = "configs",
+) -> None:
+    """A web page to watch, compare and launch runs: live loss curves, configs side by side, datasets, a chat box.
+
+    Reads only the files runs write under --root (no database); launched runs are ordinary `ftkit train`
+    processes that keep running when the board stops.
+    """
+    from ftkit.board import run_board
+
+    run_board(root, host=host, port=port, token=token, dataset_dir=dataset_dir, configs_dir=configs)
 
 
 @data_app.command("list")

@@ -39,16 +39,11 @@ def print_registry(dataset_dir: str) -> None:
 
 def highlighted(tokenizer: Any, input_ids: list[int], labels: list[int]) -> Text:
     """The decoded example, trained spans in green and masked spans dimmed."""
+    from ftkit.data.encoding import trained_spans
+
     text = Text()
-    start = 0
-    while start < len(input_ids):
-        trained = labels[start] != -100
-        end = start
-        while end < len(input_ids) and (labels[end] != -100) == trained:
-            end += 1
-        piece = tokenizer.decode(input_ids[start:end], skip_special_tokens=False)
+    for piece, trained in trained_spans(tokenizer, input_ids, labels):
         text.append(piece, style="bold green" if trained else "dim")
-        start = end
     return text
 
 

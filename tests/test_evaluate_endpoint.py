@@ -105,8 +105,9 @@ def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 def test_endpoint_mode_against_ftkit_serve_gives_the_local_runs_outputs(tiny_llama_dir, tmp_path):
     from ftkit.config import ServeConfig
+    from ftkit.http_server import BackgroundServer
     from ftkit.serve.app import create_app
-    from ftkit.serve.run import BackgroundServer, build_state
+    from ftkit.serve.run import build_state
 
     data = write_gsm8k(tmp_path / "gsm8k", n_test=3)
     config = ServeConfig(model_name_or_path=str(tiny_llama_dir), served_model_name="tiny", infer_dtype="fp32",

@@ -201,8 +201,9 @@ def test_ftkit_serve_answers_from_a_torchao_output_in_bf16(tiny_llama_dir, tmp_p
     import httpx
 
     from ftkit.config import ServeConfig
+    from ftkit.http_server import BackgroundServer
     from ftkit.serve.app import create_app
-    from ftkit.serve.run import BackgroundServer, build_state
+    from ftkit.serve.run import build_state
 
     out = tmp_path / "out"
     quantize(tiny_llama_dir, out, method, report=False)

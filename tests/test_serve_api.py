@@ -16,9 +16,10 @@ import torch
 from test_engine_lora import save_random_lora
 
 from ftkit.config import ServeConfig
+from ftkit.http_server import BackgroundServer
 from ftkit.models import load_for_inference
 from ftkit.serve.app import create_app
-from ftkit.serve.run import BackgroundServer, build_state
+from ftkit.serve.run import build_state
 
 BASE = "tiny"
 CHAT = [{"role": "user", "content": "Tell me about the sea."}]

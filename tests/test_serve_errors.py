@@ -13,8 +13,9 @@ import httpx
 import pytest
 
 from ftkit.config import ServeConfig
+from ftkit.http_server import BackgroundServer
 from ftkit.serve.app import create_app
-from ftkit.serve.run import BackgroundServer, build_state
+from ftkit.serve.run import build_state
 
 KEY = "sekret-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -15,8 +15,9 @@ import pytest
 from test_engine_lora import save_random_lora
 
 from ftkit.config import ServeConfig
+from ftkit.http_server import BackgroundServer
 from ftkit.serve.app import create_app
-from ftkit.serve.run import BackgroundServer, build_state
+from ftkit.serve.run import build_state
 
 REQUESTS = 320
 CONCURRENCY = 16

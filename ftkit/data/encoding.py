@@ -102,6 +102,21 @@ def encode_supervised_example(
     return EncodedExample(input_ids, labels, truncated)
 
 
+def trained_spans(tokenizer: Any, input_ids: list[int], labels: list[int]) -> list[tuple[str, bool]]:
+    """The example decoded as runs of text, each with whether it is trained (label not -100): what ``ftkit data
+    preview`` and ``ftkit board`` highlight."""
+    spans: list[tuple[str, bool]] = []
+    start = 0
+    while start < len(input_ids):
+        trained = labels[start] != -100
+        end = start
+        while end < len(input_ids) and (labels[end] != -100) == trained:
+            end += 1
+        spans.append((tokenizer.decode(input_ids[start:end], skip_special_tokens=False), trained))
+        start = end
+    return spans
+
+
 def split_budget(prompt_len: int, reply_len: int, budget: int) -> tuple[int, int]:
     """Split ``budget`` tokens between a prompt and its reply; returns (prompt tokens, reply tokens).
 

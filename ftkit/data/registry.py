@@ -222,3 +222,27 @@ def _first_turn_keys(turns: Any) -> set[str]:
 
 def _first_turn_has(turns: Any, key: str) -> bool:
     return key in _first_turn_keys(turns)
+
+
+def dataset_problems(config: Any) -> list[tuple[str, str]]:
+    """``dataset``, ``eval_dataset`` and a dataset ``replay_source`` resolved in the registry (no data is read)."""
+    from ftkit.config.sections import problem_from_sentence
+
+    names = [("dataset", name) for name in config.dataset] + [("eval_dataset", n) for n in config.eval_dataset or []]
+    if config.stage == "sft" and config.replay_ratio != 0 and config.replay_source != "self":
+        names.append(("replay_source", config.replay_source))
+    found: list[tuple[str, str]] = []
+    for key, name in names:
+        try:
+            resolve_dataset(name, config.dataset_dir)
+        except FtkitError as error:
+            sentence = str(error)
+            sentence = sentence[0].lower() + sentence[1:]
+            if key == "replay_source":
+                sentence = f"replay_source {name!r} is neither self nor a usable dataset: {sentence}"
+            elif not sentence.startswith("dataset_dir"):
+                sentence = f"{key}: {sentence}"
+            problem = problem_from_sentence(sentence, type(config).model_fields, key)
+            if problem not in found:  # a registry problem (no dataset_info.json) once, not once per name
+                found.append(problem)
+    return found

@@ -34,9 +34,11 @@ from ftkit.errors import FtkitError
 from ftkit.paths import atomic_write_text
 from ftkit.run_files import (
     ADAPTER_CONFIG_FILE,
+    CHECKPOINT_MANIFEST,
     LOSS_PLOT_FILE,
     RUN_CONFIG_FILE,
     RUN_RESULTS_FILE,
+    RUN_STATUS_FILE,
     TRAINER_LOG_FILE,
 )
 
@@ -44,7 +46,6 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STAGING_DIR = ".ftkit-staging"
 FINAL_STAGING_DIR = ".ftkit-final"  # where run.py assembles the final model before moving it into place
 RESULTS_FILE = RUN_RESULTS_FILE
-CHECKPOINT_MANIFEST = "ftkit_checkpoint.json"  # inside checkpoint-N: its files' sizes and checksums, written last
 MANIFEST_FILE = ".ftkit-run.json"  # what the run in this folder wrote
 LOCK_FILE = ".ftkit-lock"  # the process training into this folder (ftkit.train.output_lock)
 PREVIOUS_RUN_DIR = ".ftkit-previous"  # an overwritten run, kept until the new one has started
@@ -55,12 +56,12 @@ _WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safete
 # Names an ftkit run writes into output_dir: its records, the final adapter or model with its tokenizer
 # (save_pretrained's file names), the Trainer's training_args.bin and tensorboard's runs/.
 RUN_ARTIFACTS = frozenset({
-    RUN_RESULTS_FILE, TRAINER_LOG_FILE, LOSS_PLOT_FILE, RUN_CONFIG_FILE, ADAPTER_CONFIG_FILE, "config.json",
+    RUN_RESULTS_FILE, TRAINER_LOG_FILE, LOSS_PLOT_FILE, RUN_CONFIG_FILE, RUN_STATUS_FILE, ADAPTER_CONFIG_FILE, "config.json",
     "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "README.md",
     "training_args.bin", "runs", *_WEIGHT_FILES,
 })
-_RUN_RECORDS = (RUN_CONFIG_FILE, RUN_RESULTS_FILE, TRAINER_LOG_FILE, STAGING_DIR, FINAL_STAGING_DIR)
+_RUN_RECORDS = (RUN_CONFIG_FILE, RUN_RESULTS_FILE, TRAINER_LOG_FILE, RUN_STATUS_FILE, STAGING_DIR, FINAL_STAGING_DIR)
 _FTKIT_INTERNAL = (MANIFEST_FILE, LOCK_FILE, PREVIOUS_RUN_DIR, PREVIOUS_RUN_DIR + ".deleting", PREVIOUS_RUN_DIR + ".tmp")
 _SHARD_PATTERN = re.compile(r"^model-\d+-of-\d+\.safetensors$")
 _TEMPORARY_PATTERN = re.compile(r"^\.(?P<name>.+?)\.[^.]*\.tmp$|^\.training_loss\.tmp\.png$")  # atomic writes

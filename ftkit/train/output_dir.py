@@ -13,6 +13,9 @@ cannot work, each with the reason:
 Then it takes the lock, creating the folder if needed; a run that is refused later (a bad lora_target,
 an unusable dataset) removes the lock and any folder it created, so a refused run leaves nothing.
 
+From ``RunFolder.start`` on, the folder's ``ftkit_status.json`` says whether the run is running (with a
+heartbeat), finished, failed or interrupted (``ftkit.train.run_status``).
+
 Replacing a run (``overwrite_output_dir: true``) happens in two steps. ``RunFolder.start``, called once
 the model is loaded and the Trainer built, moves the previous run's files into ``.ftkit-previous`` and
 writes the new config and manifest; the previous run is deleted when the first optimizer step has
@@ -46,6 +49,7 @@ from ftkit.train.checkpoints import (
     write_manifest,
 )
 from ftkit.train.output_lock import RunLock, acquire_run_lock
+from ftkit.train.run_status import RunStatus
 
 if TYPE_CHECKING:
     from ftkit.config import TrainConfig
@@ -68,7 +72,8 @@ def claimed_output_dir(config: TrainConfig, report: Callable[[str], None]) -> It
     try:
         with _sigterm_exits():
             yield folder
-    except BaseException:
+    except BaseException as error:
+        folder.end(error)
         folder.undo_unstarted_run()
         raise
     finally:
@@ -146,6 +151,7 @@ class RunFolder:
         self._started = False  # start() ran: files were written or moved
         self._replacing = False  # a previous run sits in .ftkit-previous
         self._trained = False  # the first optimizer step finished: the previous run is gone
+        self._status: RunStatus | None = None
 
     # -- claim and release ----------------------------------------------------------------------------------
     def claim(self) -> None:
@@ -204,9 +210,11 @@ class RunFolder:
             (previous / _MOVING).unlink()  # the move is complete; from here on, new files are the new run's
         clean_staging(self.path)
         atomic_write_text(self.path / RUN_CONFIG_FILE, resolved_config)
+        self._status = RunStatus(self.path)
+        self._status.start()
         write_manifest(self.path, __version__)
         if trainer is not None:
-            trainer.add_callback(_first_step_callback(self))
+            trainer.add_callback(_step_callback(self))
 
     def first_step_done(self) -> None:
         """The new run trains: the previous one is deleted (renamed first, so a kill mid-delete is finished later)."""
@@ -220,12 +228,25 @@ class RunFolder:
                 shutil.rmtree(self.path / name, ignore_errors=True)
             self._replacing = False
 
+    def step_done(self, step: int, max_steps: int | None) -> None:
+        """An optimizer step finished: the previous run goes after the first; the status records the step."""
+        self.first_step_done()
+        if self._status is not None:
+            self._status.progress(step, max_steps)
+
     def finish(self) -> None:
-        """The run wrote everything: record it all in the manifest."""
+        """The run wrote everything: record it all in the manifest, and the status as finished."""
         if not self.manages:
             return
         self.first_step_done()
+        self.end()
         write_manifest(self.path, __version__)
+
+    def end(self, error: BaseException | None = None) -> None:
+        """Write the run's final status (finished without ``error``); once, and only for a started run."""
+        if self._status is not None:
+            self._status.end(error)
+            self._status = None
 
     def undo_unstarted_run(self) -> None:
         """After a failure before the first step: put a previous run back, or leave a new folder as it was."""
@@ -281,15 +302,15 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
-def _first_step_callback(folder: RunFolder):
-    """A TrainerCallback telling ``folder`` when the first optimizer step has finished."""
+def _step_callback(folder: RunFolder):
+    """A TrainerCallback telling ``folder`` each optimizer step that has finished."""
     from transformers import TrainerCallback
 
-    class FirstStepDone(TrainerCallback):
+    class StepDone(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            folder.first_step_done()
+            folder.step_done(state.global_step, state.max_steps)
 
-    return FirstStepDone()
+    return StepDone()
 
 
 @contextlib.contextmanager

@@ -1,0 +1,334 @@
+"""``ftkit board``'s API on a real server on loopback, talked to with httpx, over run folders made in-test.
+
+Covers what the page stands on: the status file every run keeps, the runs table, the log read from a
+cursor (bad lines skipped, a replaced log read again), paths outside the root refused (``..``, absolute,
+symlinks), the token, writes only as JSON from the board's own origin, a config with problems starting
+nothing, a deleted run disappearing, the Data tab's preview and the Try box. Launching, stopping and
+resuming real runs from the page are in test_board_browser.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from board_runs import append_log, write_run, write_status
+
+from ftkit.board import build_board
+from ftkit.board.app import create_app
+from ftkit.config import TrainConfig, load_stage_config
+from ftkit.errors import FtkitError
+from ftkit.http_server import BackgroundServer
+from ftkit.run_files import RUN_STATUS_FILE, TRAINER_LOG_FILE, read_run_status
+from ftkit.train import run_training
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_run_keys(model_dir: Path, output_dir: Path, **overrides) -> dict:
+    keys = {"model_name_or_path": str(model_dir), "dataset": "identity", "dataset_dir": str(REPO / "data"),
+            "max_samples": 8, "cutoff_len": 128, "output_dir": str(output_dir), "max_steps": 4, "logging_steps": 1,
+            "learning_rate": 5e-3, "per_device_train_batch_size": 8, "save_strategy": "no", "seed": 0,
+            "replay_ratio": 0, "general_check": False, "learned_check": False}
+    keys.update(overrides)
+    return keys
+
+
+@pytest.fixture
+def board(tmp_path):
+    """A board over ``tmp_path/saves`` (the Data tab on the shipped registry); yields (client, root)."""
+    root = tmp_path / "saves"
+    state = build_board(root, dataset_dir=REPO / "data", configs_dir=None, workdir=tmp_path)
+    with BackgroundServer(create_app(state)) as server, httpx.Client(base_url=server.root, timeout=60) as client:
+        yield client, root, state
+
+
+def _dead_pid() -> int:
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    return finished.pid
+
+
+# -- the status file ------------------------------------------------------------------------------------------
+
+def test_a_run_writes_its_status_running_then_finished(tiny_llama_dir, tmp_path, monkeypatch):
+    (tmp_path / "board_watch_callbacks.py").write_text(
+        "from transformers import TrainerCallback\n"
+        "from ftkit.run_files import read_run_status\n"
+        "seen = []\n"
+        "class Watch(TrainerCallback):\n"
+        "    def on_step_end(self, args, state, control, **kwargs):\n"
+        "        seen.append(read_run_status(args.output_dir))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run_training(load_stage_config(TrainConfig, None, tiny_run_keys(
+        tiny_llama_dir, tmp_path / "run", callbacks="board_watch_callbacks:Watch")))
+    import board_watch_callbacks
+
+    seen = board_watch_callbacks.seen
+    assert len(seen) == 4 and all(s["status"] == "running" and s["pid"] == os.getpid() for s in seen)
+    final = read_run_status(tmp_path / "run")
+    assert final["status"] == "finished" and final["step"] == 4 and final["max_steps"] == 4
+    assert final["ended"] >= final["started"] and final["message"] is None
+
+
+def test_a_run_that_fails_or_is_interrupted_says_so(tiny_llama_dir, tmp_path, monkeypatch):
+    (tmp_path / "board_stop_callbacks.py").write_text(
+        "from transformers import TrainerCallback\n"
+        "class Fail(TrainerCallback):\n"
+        "    def on_step_end(self, args, state, control, **kwargs):\n"
+        "        if state.global_step == 2:\n"
+        "            raise RuntimeError('disk on fire')\n"
+        "class CtrlC(TrainerCallback):\n"
+        "    def on_step_end(self, args, state, control, **kwargs):\n"
+        "        if state.global_step == 2:\n"
+        "            raise KeyboardInterrupt\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name, error, expected in (("Fail", RuntimeError, "failed"), ("CtrlC", KeyboardInterrupt, "interrupted")):
+        output_dir = tmp_path / name
+        with pytest.raises(error):
+            run_training(load_stage_config(TrainConfig, None, tiny_run_keys(
+                tiny_llama_dir, output_dir, callbacks=f"board_stop_callbacks:{name}", save_strategy="steps",
+                save_steps=1)))
+        status = read_run_status(output_dir)
+        assert status["status"] == expected and status["step"] >= 1
+        assert status["message"] == ("RuntimeError: disk on fire" if name == "Fail" else "stopped with Ctrl-C")
+
+
+# -- the runs table and the log -------------------------------------------------------------------------------
+
+def test_the_runs_table_reads_each_runs_status_without_guessing(board, tmp_path):
+    client, root, _ = board
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        write_run(root / "done", steps=30)
+        write_run(root / "group" / "live", steps=12, status="running", pid=sleeper.pid)
+        write_run(root / "killed", steps=7, status="running", pid=_dead_pid())
+        write_run(root / "broken", steps=5, status="failed")
+        write_status(root / "broken", "failed", step=5, message="RuntimeError: disk on fire")
+        legacy = write_run(root / "legacy", steps=3, status="interrupted")
+        (legacy / RUN_STATUS_FILE).unlink()
+        write_run(root / ".hidden", steps=3)
+        outside = write_run(tmp_path / "elsewhere" / "run", steps=3)
+        (root / "link-out").symlink_to(outside.parent, target_is_directory=True)
+        rows = {row["id"]: row for row in client.get("/api/runs").json()["runs"]}
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert set(rows) == {"done", "group/live", "killed", "broken", "legacy"}
+    assert {key: rows[key]["status"] for key in rows} == {
+        "done": "finished", "group/live": "running", "killed": "interrupted", "broken": "failed", "legacy": "unknown"}
+    assert "ended without saying so" in rows["killed"]["detail"]
+    assert rows["broken"]["detail"] == "RuntimeError: disk on fire"
+    done = rows["done"]
+    assert (done["step"], done["general_kept"], done["learned"], done["method"], done["dataset"]) == \
+        (30, "20/21", "35/40", "sft lora", "identity")
+    assert done["loss"] == json.loads((root / "done" / TRAINER_LOG_FILE).read_text().splitlines()[-1])["loss"]
+
+
+def test_the_log_is_read_from_a_cursor_skipping_half_written_lines(board):
+    client, root, _ = board
+    folder = write_run(root / "run", steps=10, eval_every=5)
+    with open(folder / TRAINER_LOG_FILE, "a") as log:
+        log.write('{"step": 11, "loss": oops}\n')  # a garbled line
+        log.write('{"step": 12, "loss": 1.5')  # a run killed mid-write: no newline yet
+    full = client.get("/api/log", params={"id": "run"}).json()
+    assert full["train"]["step"] == list(range(1, 11)) and full["eval"]["step"] == [5, 10]
+    records = [json.loads(line) for line in (folder / TRAINER_LOG_FILE).read_text().splitlines()[:12]]
+    assert full["train"]["loss"] == [r["loss"] for r in records if "loss" in r]
+    assert full["eval"]["eval_loss"] == [r["eval_loss"] for r in records if "eval_loss" in r]
+    with open(folder / TRAINER_LOG_FILE, "a") as log:
+        log.write(', "learning_rate": 1e-5}\n')  # the half-written line completes
+    append_log(folder, range(13, 15))
+    new = client.get("/api/log", params={"id": "run", "cursor": full["cursor"]}).json()
+    assert not new["reset"] and new["train"]["step"] == [12, 13, 14]
+    assert client.get("/api/log", params={"id": "run"}).json()["train"]["step"] == [*range(1, 11), 12, 13, 14]
+    # a resumed run rewrites the log (a new file): read again from the start
+    replaced = folder / "replacement.jsonl"
+    replaced.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2)))
+    os.replace(replaced, folder / TRAINER_LOG_FILE)
+    again = client.get("/api/log", params={"id": "run", "cursor": new["cursor"]}).json()
+    assert again["reset"] and again["train"]["step"] == [1, 2]
+    assert client.get("/api/log", params={"id": "run"}).json()["train"]["step"] == [1, 2]
+
+
+@pytest.mark.parametrize("given", ["../secret", "/etc", "run/../../secret", "link-out", "link-out/run",
+                                   "run/checkpoint-1/../../../secret", "%2e%2e/secret", "..", "", "run\x00"])
+def test_only_runs_under_the_root_are_read(board, tmp_path, given):
+    client, root, _ = board
+    write_run(root / "run")
+    write_run(tmp_path / "secret")
+    outside = write_run(tmp_path / "elsewhere" / "run")
+    (root / "link-out").symlink_to(outside.parent, target_is_directory=True)
+    for route in ("/api/run", "/api/log", "/api/events"):
+        response = client.get(route, params={"id": given})
+        assert response.status_code == 404, (route, given, response.text)
+        assert "root" in response.json()["error"] or "no run" in response.json()["error"].lower()
+    assert client.post("/api/stop", json={"id": given}).status_code in (400, 404)
+
+
+def test_static_files_stay_in_the_package(board):
+    client, _, _ = board
+    assert client.get("/static/board.js").status_code == 200
+    for path in ("/static/../app.py", "/static/%2e%2e/app.py", "/static/..%2f..%2fruns.py", "/static//etc/passwd"):
+        assert client.get(path).status_code == 404, path
+
+
+def test_compare_lines_up_curves_and_marks_the_keys_that_differ(board):
+    client, root, _ = board
+    write_run(root / "a", steps=5, config={"learning_rate": 1e-4})
+    write_run(root / "b", steps=8, config={"learning_rate": 3e-4, "lora_rank": 16})
+    body = client.get("/api/compare", params=[("id", "a"), ("id", "b")]).json()
+    assert [c["step"] for c in body["curves"]] == [list(range(1, 6)), list(range(1, 9))]
+    differs = {row["key"] for row in body["config"] if row["differs"]}
+    assert differs == {"learning_rate", "lora_rank", "output_dir"}
+    assert client.get("/api/compare", params={"id": "a"}).status_code == 400
+
+
+# -- security ---------------------------------------------------------------------------------------------------
+
+def test_off_loopback_the_board_needs_a_token(tmp_path, monkeypatch):
+    monkeypatch.delenv("FTKIT_BOARD_TOKEN", raising=False)
+    with pytest.raises(FtkitError, match="--host 0.0.0.0 lets other machines reach the board"):
+        build_board(tmp_path / "saves", host="0.0.0.0", workdir=tmp_path)
+    cli = subprocess.run([sys.executable, "-m", "ftkit", "board", "--host", "0.0.0.0", "--root", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 1 and "Traceback" not in cli.stderr
+    assert "pass --token SECRET (or set FTKIT_BOARD_TOKEN)" in cli.stderr
+    monkeypatch.setenv("FTKIT_BOARD_TOKEN", "correct-horse-battery")
+    assert build_board(tmp_path / "saves", host="0.0.0.0", workdir=tmp_path).token == "correct-horse-battery"
+
+
+def test_with_a_token_every_request_carries_it(tmp_path):
+    root = tmp_path / "saves"
+    write_run(root / "run")
+    state = build_board(root, token="correct-horse-battery", configs_dir=None, workdir=tmp_path)
+    with BackgroundServer(create_app(state)) as server:
+        with httpx.Client(base_url=server.root) as client:
+            for path in ("/", "/api/runs", "/api/run?id=run", "/static/board.js", "/api/events?id=run"):
+                assert client.get(path).status_code == 401, path
+            assert client.get("/api/runs", headers={"Authorization": "Bearer wrong-token-here"}).status_code == 401
+            assert client.get("/api/runs", params={"token": "wrong-token-here"}).status_code == 401
+            assert client.post("/api/launch", json={"yaml": "x: 1"}).status_code == 401
+            ok = client.get("/api/runs", headers={"Authorization": "Bearer correct-horse-battery"})
+            assert ok.status_code == 200 and ok.json()["runs"][0]["id"] == "run"
+        with httpx.Client(base_url=server.root) as browser:  # the page opened as /?token=: a cookie from then on
+            assert browser.get("/", params={"token": "correct-horse-battery"}).status_code == 200
+            assert browser.get("/api/runs").status_code == 200
+
+
+def test_writes_must_be_json_from_the_boards_own_page(board):
+    client, root, _ = board
+    write_run(root / "run")
+    form = client.post("/api/stop", data={"id": "run"})
+    assert form.status_code == 403 and "JSON" in form.json()["error"]
+    foreign = client.post("/api/stop", json={"id": "run"}, headers={"Origin": "https://evil.example"})
+    assert foreign.status_code == 403 and "another site" in foreign.json()["error"]
+
+
+def test_bad_requests_get_a_4xx_and_one_sentence(board):
+    client, root, _ = board
+    write_run(root / "run")
+    cases = [client.post("/api/launch", content=b"{not json", headers={"Content-Type": "application/json"}),
+             client.post("/api/launch", json={"yaml": 12}), client.post("/api/stop", json={}),
+             client.post("/api/chat", json={"id": "run", "messages": "hi"}),
+             client.get("/api/nothing-here"), client.get("/api/config", params={"name": "../../etc/passwd"}),
+             client.get("/api/datasets/preview", params={"name": "identity", "model": "/etc"}),
+             client.get("/api/datasets/preview", params={"name": "no-such-set"})]
+    for response in cases:
+        assert 400 <= response.status_code < 500, response.text
+        assert response.json()["error"]
+    assert client.get("/api/runs").status_code == 200  # still serving
+
+
+# -- launching: refused configs ----------------------------------------------------------------------------------
+
+def test_a_config_with_problems_shows_each_at_its_line_and_starts_nothing(board, tmp_path):
+    client, root, _ = board
+    text = ("model_name_or_path: smollm2-135m-instruct\n"
+            "stage: sft\n"
+            "dataset: no_such_dataset\n"
+            f"dataset_dir: {REPO / 'data'}\n"
+            "learning_rate: fast\n"
+            "lora_rnak: 8\n"
+            f"output_dir: {root / 'bad'}\n")
+    checked = client.post("/api/validate", json={"yaml": text}).json()
+    assert not checked["ok"]
+    by_key = {p["key"]: p for p in checked["problems"]}
+    assert set(by_key) >= {"learning_rate", "lora_rnak"}
+    assert by_key["learning_rate"]["line"] == 5 and by_key["lora_rnak"]["line"] == 6
+    assert "did you mean 'lora_rank'" in by_key["lora_rnak"]["message"]
+    launched = client.post("/api/launch", json={"yaml": text})
+    assert launched.status_code == 400 and launched.json()["problems"] == checked["problems"]
+    # the dataset problem comes once the keys themselves are valid
+    fixed = text.replace("learning_rate: fast\n", "").replace("lora_rnak", "lora_rank")
+    problems = client.post("/api/launch", json={"yaml": fixed}).json()["problems"]
+    assert [(p["key"], p["line"]) for p in problems] == [("dataset", 3)]
+    outside = fixed.replace("no_such_dataset", "identity").replace(str(root / "bad"), str(tmp_path / "outside"))
+    problems = client.post("/api/launch", json={"yaml": outside}).json()["problems"]
+    assert [(p["key"], p["line"]) for p in problems] == [("output_dir", 6)]
+    assert "not under the board's root" in problems[0]["message"]
+    assert not (root / "bad").exists() and not (tmp_path / "outside").exists()
+    assert client.get("/api/runs").json()["runs"] == []  # nothing started
+    assert not list((root / ".ftkit-board").glob("launches/*")) and not list((root / ".ftkit-board").glob("configs/*"))
+
+
+# -- a run deleted while watched, the Data tab, the Try box --------------------------------------------------------
+
+def test_a_deleted_run_disappears_and_its_event_stream_says_gone(board):
+    client, root, _ = board
+    folder = write_run(root / "run", steps=3, status="running")
+    events = []
+    with client.stream("GET", "/api/events", params={"id": "run"}) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                events.append(line[7:])
+                if events == ["log", "status"]:
+                    import shutil
+
+                    shutil.rmtree(folder)
+                if events[-1] == "gone":
+                    break
+    assert events == ["log", "status", "gone"]
+    assert client.get("/api/runs").json()["runs"] == []
+    assert client.get("/api/run", params={"id": "run"}).status_code == 404
+
+
+def test_the_data_tab_previews_trained_spans(board, tmp_path, tiny_llama_dir):
+    client, root, _ = board
+    listed = client.get("/api/datasets").json()
+    assert {"identity", "alpaca_en_demo"} <= {d["name"] for d in listed["datasets"]}
+    write_run(root / "run", config={"model_name_or_path": str(tiny_llama_dir)})
+    models = client.get("/api/datasets").json()["models"]
+    assert models == ["smollm2-135m-instruct", str(tiny_llama_dir)]
+    shown = client.get("/api/datasets/preview", params={"name": "identity", "model": str(tiny_llama_dir)}).json()
+    first = shown["examples"][0]
+    trained = "".join(text for text, is_trained in first["spans"] if is_trained)
+    masked = "".join(text for text, is_trained in first["spans"] if not is_trained)
+    records = json.loads((REPO / "data" / "identity.json").read_text())
+    assert records[0]["instruction"] in masked and records[0]["instruction"] not in trained
+    assert trained.startswith(records[0]["output"].replace("{{name}}", "Ftkit")[:12])
+    assert shown["stats"]["examples"] == len(records)
+
+
+def test_the_try_box_answers_with_the_runs_adapter(board, tiny_llama_dir):
+    client, root, _ = board
+    run_training(load_stage_config(TrainConfig, None, tiny_run_keys(tiny_llama_dir, root / "tiny")))
+    messages = [{"role": "user", "content": "Who are you?"}]
+    reply = client.post("/api/chat", json={"id": "tiny", "messages": messages, "max_new_tokens": 8})
+    assert reply.status_code == 200, reply.text
+    from ftkit.engine.replies import generate_replies
+    from ftkit.models import load_for_inference
+
+    loaded = load_for_inference(str(tiny_llama_dir), [root / "tiny"])
+    expected = generate_replies(loaded.model, loaded.tokenizer, [messages], max_new_tokens=8)[0].text
+    assert reply.json()["reply"] == expected
+    write_run(root / "live", status="running")
+    refused = client.post("/api/chat", json={"id": "live", "messages": messages})
+    assert refused.status_code == 409 and "finished" in refused.json()["error"]
+    assert client.post("/api/chat", json={"id": "tiny", "messages": [{"role": "assistant", "content": "x"}]}
+                       ).status_code == 400
