@@ -32,7 +32,9 @@ from ftkit.errors import FtkitError
 from ftkit.run_files import RUN_CONFIG_FILE, read_run_status
 
 BOARD_DIR = ".ftkit-board"  # under the root: the configs the page launched and their console output
-_CONSOLE_TAIL_BYTES = 6000
+_CONSOLE_HEAD_BYTES = 4096  # the run's first lines: model, data, plan
+_CONSOLE_TAIL_BYTES = 65536  # and its last (a progress bar writes ~110 bytes a step)
+_CONSOLE_LINES = 80
 _KEY_LINE = re.compile(r"^([A-Za-z_][\w.-]*)\s*:")
 
 
@@ -55,16 +57,27 @@ class Launch:
 
 
 def console_tail(path: Path) -> str:
-    """The end of a console log as a terminal would show it (a progress bar's carriage returns collapsed)."""
+    """A console log as a terminal would show it: a progress bar's carriage returns collapsed, the first and
+    last lines kept when it is long."""
     try:
         with open(path, "rb") as console:
             size = console.seek(0, os.SEEK_END)
-            console.seek(max(size - _CONSOLE_TAIL_BYTES, 0))
-            text = console.read().decode("utf-8", errors="replace")
+            console.seek(0)
+            if size <= _CONSOLE_HEAD_BYTES + _CONSOLE_TAIL_BYTES:
+                return "\n".join(_terminal_lines(console.read())[-_CONSOLE_LINES:])
+            head = console.read(_CONSOLE_HEAD_BYTES)
+            console.seek(size - _CONSOLE_TAIL_BYTES)
+            tail = console.read()
     except OSError:
         return ""
-    lines = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n")]
-    return "\n".join(lines[1:] if size > _CONSOLE_TAIL_BYTES else lines)
+    first = _terminal_lines(head[: head.rfind(b"\n") + 1])[:-1]  # whole lines only
+    last = _terminal_lines(tail[tail.find(b"\n") + 1:])
+    return "\n".join([*first, "…", *last[-(_CONSOLE_LINES - len(first)):]])
+
+
+def _terminal_lines(data: bytes) -> list[str]:
+    text = data.decode("utf-8", errors="replace")
+    return [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n")]
 
 
 class Launcher:
@@ -148,6 +161,9 @@ class Launcher:
         with self._lock:
             self.reap()
             current = self.launches.get(output_dir)
+            if current is not None and current.alive and run_state(output_dir)[0] != "running":
+                with contextlib.suppress(subprocess.TimeoutExpired):  # it has ended its run and is exiting
+                    current.process.wait(timeout=30)
             if current is not None and current.alive:
                 raise BoardError(409, f"The board is already running a training into {output_dir} (process "
                                  f"{current.process.pid}); stop it first or choose another output_dir.")
