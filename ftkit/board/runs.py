@@ -344,7 +344,7 @@ def summary(root: Path, folder: Path) -> dict[str, Any]:
         "model": config.get("model_name_or_path"),
         "method": method_of(config) if config else None,
         "dataset": ", ".join(datasets) if isinstance(datasets, list) else str(datasets),
-        "step": (train or {}).get("step", results.get("global_step", status.get("step"))),
+        "step": results.get("global_step") or max(_number((train or {}).get("step")), _number(status.get("step"))),
         "max_steps": status.get("max_steps") or results.get("global_step"),
         "loss": (train or {}).get("loss"),
         "eval_loss": (evaluation or {}).get("eval_loss", results.get("eval_loss")),
@@ -355,6 +355,10 @@ def summary(root: Path, folder: Path) -> dict[str, Any]:
         "started": started,
         "updated": _mtime(folder),
     }
+
+
+def _number(value: Any) -> int | float:
+    return value if isinstance(value, (int, float)) else 0
 
 
 def _fraction(results: dict[str, Any], part: str, whole: str) -> str | None:

@@ -35,8 +35,9 @@ async function api(path, options) {
 
 const post = (path, data) => api(path, { method: "POST", headers: { "Content-Type": "application/json" },
                                           body: JSON.stringify(data) });
-const fmt = (value, digits = 4) => (value === null || value === undefined) ? "–" :
-  (typeof value === "number" ? (Number.isInteger(value) ? value.toLocaleString() : value.toFixed(digits)) : value);
+const fmt = (value) => (value === null || value === undefined) ? "–" :
+  (typeof value === "number" ? (Number.isInteger(value) ? value.toLocaleString() : String(Number(value.toPrecision(5))))
+                             : value);
 const badge = (status) => h("span", { class: `badge ${status}`, "data-status": status }, status);
 const runLink = (id) => `#/run/${encodeURIComponent(id)}`;
 
@@ -115,7 +116,7 @@ function renderRuns() {
         h("td", {}, run.pending ? "" : box), h("td", {}, run.id), h("td", { class: "status" }, badge(run.status)),
         h("td", {}, run.model || "–"), h("td", {}, run.method || "–"), h("td", {}, run.dataset || "–"),
         h("td", { class: "num" }, steps), h("td", { class: "num loss" }, fmt(run.loss)),
-        h("td", { class: "num" }, fmt(run.tokens_per_second, 1)), h("td", { class: "num" }, duration(run.wall_seconds)),
+        h("td", { class: "num" }, fmt(run.tokens_per_second)), h("td", { class: "num" }, duration(run.wall_seconds)),
         h("td", { class: "num" }, run.general_kept || "–"), h("td", { class: "num" }, run.learned || "–"));
     }));
     if (!body.runs.length) {
@@ -161,7 +162,7 @@ async function renderRun(id) {
     resume.disabled = !["interrupted", "failed"].includes(run.status);
     summary.replaceChildren(...[["model", run.model], ["method", run.method], ["dataset", run.dataset],
       ["step", run.max_steps ? `${fmt(run.step)} / ${fmt(run.max_steps)}` : fmt(run.step)], ["last loss", fmt(run.loss)],
-      ["eval loss", fmt(run.eval_loss)], ["tokens/s", fmt(run.tokens_per_second, 1)],
+      ["eval loss", fmt(run.eval_loss)], ["tokens/s", fmt(run.tokens_per_second)],
       ["wall time", duration(run.wall_seconds)], ["general answers kept", run.general_kept],
       ["training answers learned", run.learned]].filter(([, v]) => v !== null && v !== undefined && v !== "–")
       .flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
