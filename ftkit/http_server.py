@@ -1,4 +1,5 @@
-"""The one HTTP server runner of ``ftkit serve`` and ``ftkit board``: a bound socket, uvicorn, a clean stop.
+"""The one HTTP server runner of ``ftkit serve`` and ``ftkit board``: a bound socket, uvicorn, a clean stop;
+and the two checks both make of a request's address and secret (``is_loopback``, ``bearer_matches``).
 
 The socket is bound before anything slow (loading a model), so a port in use is reported at once, and
 port 0 picks a free one. On SIGTERM or SIGINT the server stops accepting connections, lets the requests
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
+import ipaddress
 import signal
 import socket
 import threading
@@ -21,6 +24,22 @@ from typing import Any
 from ftkit.errors import FtkitError
 
 _ABORT_GRACE_S = 5  # after aborting, seconds for the aborted streams to send their last chunk
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, IPv6 with or without brackets) is this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def bearer_matches(authorization: str, secret: str) -> bool:
+    """Whether an ``Authorization`` header is ``Bearer <secret>`` (compared in constant time)."""
+    scheme, _, token = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), secret.encode())
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -41,10 +41,12 @@ def atomic_directory(final: Path) -> Iterator[Path]:
         raise
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
+def atomic_write_text(path: Path, text: str, *, create_parent: bool = True) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (creating its folder unless told not to:
+    then a missing folder is a FileNotFoundError)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if create_parent:
+        path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -40,11 +40,12 @@ def append_log(folder: Path, steps: range, *, eval_every: int = 0) -> list[dict[
 
 
 def write_status(folder: Path, status: str, *, pid: int | None = None, step: int = 0,
-                 max_steps: int | None = None, message: str | None = None) -> None:
+                 max_steps: int | None = None, message: str | None = None, heartbeat_age: float = 0) -> None:
     now = time.time()
     (folder / RUN_STATUS_FILE).write_text(json.dumps({
         "status": status, "pid": pid if pid is not None else os.getpid(), "host": socket.gethostname(),
-        "started": now - 60, "heartbeat": now, "ended": None if status == "running" else now, "step": step,
+        "started": now - 600, "heartbeat": now - heartbeat_age, "ended": None if status == "running" else now,
+        "step": step,
         "max_steps": max_steps, "message": message}) + "\n")
 
 

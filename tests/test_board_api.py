@@ -108,6 +108,8 @@ def test_the_runs_table_reads_each_runs_status_without_guessing(board, tmp_path)
         write_run(root / "done", steps=30)
         write_run(root / "group" / "live", steps=12, status="running", pid=sleeper.pid)
         write_run(root / "killed", steps=7, status="running", pid=_dead_pid())
+        write_run(root / "stale", steps=7, status="running", pid=sleeper.pid)
+        write_status(root / "stale", "running", pid=sleeper.pid, heartbeat_age=600)  # the pid went to another program
         write_run(root / "broken", steps=5, status="failed")
         write_status(root / "broken", "failed", step=5, message="RuntimeError: disk on fire")
         legacy = write_run(root / "legacy", steps=3, status="interrupted")
@@ -119,10 +121,12 @@ def test_the_runs_table_reads_each_runs_status_without_guessing(board, tmp_path)
     finally:
         sleeper.kill()
         sleeper.wait()
-    assert set(rows) == {"done", "group/live", "killed", "broken", "legacy"}
+    assert set(rows) == {"done", "group/live", "killed", "stale", "broken", "legacy"}
     assert {key: rows[key]["status"] for key in rows} == {
-        "done": "finished", "group/live": "running", "killed": "interrupted", "broken": "failed", "legacy": "unknown"}
+        "done": "finished", "group/live": "running", "killed": "interrupted", "stale": "interrupted",
+        "broken": "failed", "legacy": "unknown"}
     assert "ended without saying so" in rows["killed"]["detail"]
+    assert "no heartbeat for 600 s" in rows["stale"]["detail"]
     assert rows["broken"]["detail"] == "RuntimeError: disk on fire"
     done = rows["done"]
     assert (done["step"], done["general_kept"], done["learned"], done["method"], done["dataset"]) == \
@@ -157,7 +161,7 @@ def test_the_log_is_read_from_a_cursor_skipping_half_written_lines(board):
 
 
 @pytest.mark.parametrize("given", ["../secret", "/etc", "run/../../secret", "link-out", "link-out/run",
-                                   "run/checkpoint-1/../../../secret", "%2e%2e/secret", "..", "", "run\x00"])
+                                   "run/checkpoint-1/../../../secret", "..", "", "run\x00"])
 def test_only_runs_under_the_root_are_read(board, tmp_path, given):
     client, root, _ = board
     write_run(root / "run")
@@ -171,11 +175,67 @@ def test_only_runs_under_the_root_are_read(board, tmp_path, given):
     assert client.post("/api/stop", json={"id": given}).status_code in (400, 404)
 
 
+def test_percent_encoded_dots_are_refused_too(board, tmp_path):
+    client, root, _ = board
+    write_run(root / "run")
+    write_run(tmp_path / "secret")
+    for raw in ("id=%2e%2e%2fsecret", "id=%2E%2E/secret", "id=run%2f..%2f..%2fsecret", "id=%2fetc"):
+        response = client.get(httpx.URL(str(client.base_url).rstrip("/") + f"/api/run?{raw}"))
+        assert response.status_code == 404 and "root" in response.json()["error"], raw
+
+
+def test_files_linked_into_a_run_folder_are_not_read(board, tmp_path):
+    client, root, _ = board
+    secret = tmp_path / "private.yaml"
+    secret.write_text("api_key: hunter2-secret\n")
+    folder = write_run(root / "run")
+    (folder / "ftkit_config.yaml").unlink()
+    (folder / "ftkit_config.yaml").symlink_to(secret)
+    (folder / "train_results.json").unlink()
+    (folder / "train_results.json").symlink_to(secret)
+    elsewhere = tmp_path / "elsewhere-eval"
+    elsewhere.mkdir()
+    (elsewhere / "results.json").write_text(json.dumps({"secret": "hunter2-secret"}))
+    (folder / "eval").symlink_to(elsewhere, target_is_directory=True)
+    shown = client.get("/api/run", params={"id": "run"})
+    assert shown.status_code == 200 and "hunter2" not in shown.text
+    assert shown.json()["evaluations"] == [] and shown.json()["config_text"] == ""
+    assert "hunter2" not in client.get("/api/runs").text
+    assert client.get("/api/configs").json()["configs"] == ["run: run"]
+    assert "hunter2" not in client.get("/api/config", params={"name": "run: run"}).text
+
+
 def test_static_files_stay_in_the_package(board):
     client, _, _ = board
     assert client.get("/static/board.js").status_code == 200
     for path in ("/static/../app.py", "/static/%2e%2e/app.py", "/static/..%2f..%2fruns.py", "/static//etc/passwd"):
         assert client.get(path).status_code == 404, path
+
+
+def test_nan_and_infinity_in_a_log_read_as_null(board):
+    client, root, _ = board
+    folder = write_run(root / "run", steps=2, status="running")
+    with open(folder / TRAINER_LOG_FILE, "a") as log:
+        log.write('{"step": 3, "loss": NaN, "grad_norm": Infinity, "learning_rate": 1e-4}\n')
+    (folder / "train_results.json").write_text('{"train_loss": NaN, "global_step": 3}')
+    assert client.get("/api/runs").json()["runs"][0]["loss"] is None
+    log = client.get("/api/log", params={"id": "run"}).json()
+    assert log["train"]["loss"][-1] is None and log["train"]["grad_norm"][-1] is None
+    assert client.get("/api/run", params={"id": "run"}).json()["results"]["train_loss"] is None
+    with client.stream("GET", "/api/events", params={"id": "run"}) as stream:
+        data = next(line for line in stream.iter_lines() if line.startswith("data: "))
+    assert json.loads(data[6:])["train"]["loss"] == [log["train"]["loss"][0], log["train"]["loss"][1], None]
+
+
+def test_a_reconnecting_event_stream_continues_from_its_last_event(board):
+    client, root, _ = board
+    folder = write_run(root / "run", steps=10, status="running")
+    with client.stream("GET", "/api/events", params={"id": "run"}) as stream:
+        event_id = next(line for line in stream.iter_lines() if line.startswith("id: "))[4:]
+    append_log(folder, range(11, 14))
+    with client.stream("GET", "/api/events", params={"id": "run"}, headers={"Last-Event-ID": event_id}) as stream:
+        data = next(line for line in stream.iter_lines() if line.startswith("data: "))
+    assert json.loads(data[6:])["train"]["step"] == [11, 12, 13]
 
 
 def test_compare_lines_up_curves_and_marks_the_keys_that_differ(board):
@@ -201,6 +261,11 @@ def test_off_loopback_the_board_needs_a_token(tmp_path, monkeypatch):
     assert "pass --token SECRET (or set FTKIT_BOARD_TOKEN)" in cli.stderr
     monkeypatch.setenv("FTKIT_BOARD_TOKEN", "correct-horse-battery")
     assert build_board(tmp_path / "saves", host="0.0.0.0", workdir=tmp_path).token == "correct-horse-battery"
+    with pytest.raises(FtkitError, match="--token is shorter than 8 characters"):
+        build_board(tmp_path / "saves", token="abc", workdir=tmp_path)
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(FtkitError, match="--root a-file is a file"):
+        build_board("a-file", workdir=tmp_path)
 
 
 def test_with_a_token_every_request_carries_it(tmp_path):
@@ -221,6 +286,41 @@ def test_with_a_token_every_request_carries_it(tmp_path):
             assert browser.get("/api/runs").status_code == 200
 
 
+def test_without_a_token_only_loopback_names_reach_the_board(board):
+    client, root, _ = board
+    port = client.base_url.port
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "[::1]:7860", "localhost"):
+        assert client.get("/api/runs", headers={"Host": host}).status_code == 200, host
+    for host in (f"evil.example:{port}", "attacker.test", f"192.168.1.5:{port}"):
+        refused = client.get("/", headers={"Host": host})
+        assert refused.status_code == 403 and "loopback" in refused.json()["error"], host
+    assert client.get("/").headers["X-Frame-Options"] == "DENY"
+
+
+def test_stop_signals_only_ftkit_train_processes(board):
+    client, root, _ = board
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        write_run(root / "run", status="running", pid=other.pid)
+        refused = client.post("/api/stop", json={"id": "run"})
+        assert refused.status_code == 409 and other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_failed_multi_process_run_is_recorded_as_failed(tmp_path):
+    from ftkit.train.run_status import record_failure
+
+    write_run(tmp_path / "run", status="interrupted")
+    record_failure(tmp_path / "run", "training process 1 stopped with exit code 1")
+    status = read_run_status(tmp_path / "run")
+    assert status["status"] == "failed" and status["message"] == "training process 1 stopped with exit code 1"
+    write_run(tmp_path / "done", status="finished")
+    record_failure(tmp_path / "done", "late")
+    assert read_run_status(tmp_path / "done")["status"] == "finished"
+
+
 def test_writes_must_be_json_from_the_boards_own_page(board):
     client, root, _ = board
     write_run(root / "run")
@@ -236,6 +336,10 @@ def test_bad_requests_get_a_4xx_and_one_sentence(board):
     cases = [client.post("/api/launch", content=b"{not json", headers={"Content-Type": "application/json"}),
              client.post("/api/launch", json={"yaml": 12}), client.post("/api/stop", json={}),
              client.post("/api/chat", json={"id": "run", "messages": "hi"}),
+             *(client.post(route, content=body, headers={"Content-Type": "application/json"})  # lone surrogates
+               for route, body in (("/api/stop", rb'{"id": "\ud800"}'), ("/api/validate", rb'{"yaml": "a: \ud800"}'))),
+             client.post("/api/chat", json={"id": "run", "messages": [{"role": "user", "content": "hi"}],
+                                            "max_new_tokens": True}),
              client.get("/api/nothing-here"), client.get("/api/config", params={"name": "../../etc/passwd"}),
              client.get("/api/datasets/preview", params={"name": "identity", "model": "/etc"}),
              client.get("/api/datasets/preview", params={"name": "no-such-set"})]

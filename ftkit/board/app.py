@@ -6,12 +6,15 @@ nothing a request sends can make the board read or serve a path outside its root
 
 Security: with a token (required off loopback), every request, page and API alike, must carry it: an
 ``Authorization: Bearer`` header, the ``ftkit_board`` cookie, or ``?token=`` (which sets the cookie, so the
-page's own requests and its event stream carry it). Requests that change something (POST) must be JSON
-and, when the browser sends an ``Origin``, come from the board's own: another web site open in the same
-browser cannot launch or stop runs on a board bound to loopback.
+page's own requests and its event stream carry it). Without a token, a request must name the board by a
+loopback address in its ``Host`` header (a web site that rebinds its own name to 127.0.0.1 is refused).
+Requests that change something (POST) must be JSON and, when the browser sends an ``Origin``, come from the
+board's own, so another web site open in the same browser cannot launch or stop runs; the page may not
+be framed by another site. Responses never hold NaN or Infinity (a diverged loss reads as null).
 
 Live updates are server-sent events (``/api/events``): the log is polled every ``POLL_S`` on the server
-and each new batch of records is sent as columns, with the run's status when it changes.
+and each new batch of records is sent as columns, with the run's status when it changes. Each log event
+carries its cursor as the event id, so a browser that reconnects continues from there, not from the start.
 """
 
 from __future__ import annotations
@@ -34,9 +37,10 @@ from starlette.exceptions import HTTPException
 from ftkit.board import runs
 from ftkit.board.data_view import DataView
 from ftkit.board.launcher import Launcher, console_tail
-from ftkit.board.runs import BoardError, Curves
+from ftkit.board.runs import BoardError, Curves, finite
 from ftkit.board.tryout import Tryout
 from ftkit.config import TrainConfig
+from ftkit.http_server import bearer_matches, is_loopback
 
 STATIC = Path(__file__).parent / "static"
 COOKIE = "ftkit_board"
@@ -45,6 +49,13 @@ KEEPALIVE_S = 15.0
 CONFIG_SUFFIXES = (".yaml", ".yml")
 _MANY_IDS = Query([])
 DEFAULT_MODEL_NAME = TrainConfig.model_fields["model_name_or_path"].default  # ftkit's embedded default
+
+
+class SafeJSONResponse(JSONResponse):
+    """JSON without NaN or Infinity (browsers refuse them): such numbers become null."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(finite(content), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
 @dataclass
@@ -63,22 +74,28 @@ class BoardState:
 
 
 def create_app(state: BoardState) -> FastAPI:
-    app = FastAPI(title="ftkit board", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="ftkit board", docs_url=None, redoc_url=None, openapi_url=None,
+                  default_response_class=SafeJSONResponse)
     app.state.board = state
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
         query_token = request.query_params.get("token")
         if state.token is not None and not _authorized(request, state.token):
-            return JSONResponse({"error": "This board needs its token: open it as http://HOST:PORT/?token=TOKEN "
-                                 "(the --token given to ftkit board or $FTKIT_BOARD_TOKEN), or send "
-                                 "'Authorization: Bearer TOKEN'."}, status_code=401)
+            return _refusal(401, "This board needs its token: open it as http://HOST:PORT/?token=TOKEN (the --token "
+                            "given to ftkit board or $FTKIT_BOARD_TOKEN), or send 'Authorization: Bearer TOKEN'.")
+        if state.token is None and not is_loopback(_host_name(request.headers.get("host", ""))):
+            return _refusal(403, "This board listens on loopback without a token: open it as http://127.0.0.1:PORT/ "
+                            "or http://localhost:PORT/ (other names are refused, so a web site cannot reach it).")
         if request.method not in ("GET", "HEAD"):
             refusal = _refuse_foreign_write(request)
             if refusal is not None:
-                return JSONResponse({"error": refusal}, status_code=403)
+                return _refusal(403, refusal)
         response = await call_next(request)
-        if state.token is not None and query_token and hmac.compare_digest(query_token, state.token):
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["Content-Security-Policy"] = "frame-ancestors 'none'"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        if state.token is not None and query_token and hmac.compare_digest(query_token.encode(), state.token.encode()):
             response.set_cookie(COOKIE, state.token, httponly=True, samesite="strict")
         return response
 
@@ -133,12 +150,13 @@ def create_app(state: BoardState) -> FastAPI:
     def log(id: str = Query(""), cursor: str | None = Query(None)) -> dict[str, Any]:
         folder = runs.run_dir(state.root, id)
         if cursor is None:
-            return {**state.curves.full(folder).as_json(), "reset": True}
+            return {**state.curves.full(folder), "reset": True}
         return runs.read_log_since(folder, cursor).as_json()
 
     @app.get("/api/events")
     async def events(request: Request, id: str = Query(""), cursor: str | None = Query(None)) -> StreamingResponse:
         folder = runs.run_dir(state.root, id)
+        cursor = request.headers.get("last-event-id") or cursor  # a reconnecting browser continues from there
         return StreamingResponse(_event_stream(request, state, id, folder, cursor), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -149,9 +167,9 @@ def create_app(state: BoardState) -> FastAPI:
         folders = [runs.run_dir(state.root, given) for given in id]
         curves = []
         for given, folder in zip(id, folders, strict=True):
-            chunk = state.curves.full(folder)
-            curves.append({"id": given, "step": chunk.train["step"], "loss": chunk.train["loss"],
-                           "eval_step": chunk.eval["step"], "eval_loss": chunk.eval["eval_loss"]})
+            log = state.curves.full(folder)
+            curves.append({"id": given, "step": log["train"]["step"], "loss": log["train"]["loss"],
+                           "eval_step": log["eval"]["step"], "eval_loss": log["eval"]["eval_loss"]})
         return {"runs": id, "curves": curves, "config": runs.config_diff([runs.read_config(f) for f in folders])}
 
     @app.post("/api/validate")
@@ -192,10 +210,10 @@ def create_app(state: BoardState) -> FastAPI:
         choices = {choice["name"]: choice for choice in _config_choices(state)}
         if name not in choices:
             raise BoardError(404, f"There is no config {name!r}; pick one /api/configs lists.")
-        try:
-            return {"name": name, "text": Path(choices[name]["path"]).read_text(encoding="utf-8")}
-        except (OSError, UnicodeDecodeError) as error:
-            raise BoardError(404, f"Config {name} cannot be read ({error}).") from None
+        data = runs.read_bytes(Path(choices[name]["path"]))
+        if data is None:
+            raise BoardError(404, f"Config {name} cannot be read.")
+        return {"name": name, "text": data.decode("utf-8", errors="replace")}
 
     @app.get("/api/datasets")
     def datasets() -> dict[str, Any]:
@@ -209,10 +227,22 @@ def create_app(state: BoardState) -> FastAPI:
 
 
 def _authorized(request: Request, token: str) -> bool:
-    header = request.headers.get("authorization", "")
-    given = [header[7:].strip() if header.lower().startswith("bearer ") else "",
-             request.cookies.get(COOKIE, ""), request.query_params.get("token", "")]
-    return any(value and hmac.compare_digest(value.encode(), token.encode()) for value in given)
+    if bearer_matches(request.headers.get("authorization", ""), token):
+        return True
+    given = [request.cookies.get(COOKIE, ""), request.query_params.get("token", "")]
+    return any(value and hmac.compare_digest(value.encode(errors="replace"), token.encode()) for value in given)
+
+
+def _host_name(host: str) -> str:
+    """The name in a Host header, without the port (IPv6 in brackets kept whole)."""
+    if host.startswith("["):
+        return host[: host.find("]") + 1]
+    return host.rsplit(":", 1)[0]
+
+
+def _refusal(status: int, message: str) -> SafeJSONResponse:
+    return SafeJSONResponse({"error": message}, status_code=status,
+                            headers={"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'"})
 
 
 def _refuse_foreign_write(request: Request) -> str | None:
@@ -226,8 +256,8 @@ def _refuse_foreign_write(request: Request) -> str | None:
 
 def _text(body: dict[str, Any]) -> str:
     text = body.get("yaml")
-    if not isinstance(text, str):
-        raise BoardError(400, "yaml must be the config's text (a string).")
+    if not isinstance(text, str) or not _utf8(text):
+        raise BoardError(400, "yaml must be the config's text (a string of UTF-8 text).")
     if len(text) > 1_000_000:
         raise BoardError(400, "The config is over 1 MB; a train config is a few hundred lines at most.")
     return text
@@ -235,9 +265,18 @@ def _text(body: dict[str, Any]) -> str:
 
 def _string(body: dict[str, Any], key: str) -> str:
     value = body.get(key)
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or not value or not _utf8(value):
         raise BoardError(400, f"{key} must be a run id (a string /api/runs lists).")
     return value
+
+
+def _utf8(text: str) -> bool:
+    """False for a string JSON can carry but a file name cannot (a lone surrogate such as \\ud800)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _run_or_pending(state: BoardState, given: str) -> Path | None:
@@ -279,7 +318,7 @@ async def _event_stream(request: Request, state: BoardState, given: str, folder:
         chunk = await asyncio.to_thread(runs.read_log_since, folder, cursor)
         if chunk.records or chunk.reset or cursor is None:
             cursor = chunk.cursor
-            yield _event("log", chunk.as_json())
+            yield _event("log", chunk.as_json(), event_id=cursor)
             last_sent = time.monotonic()
         summary = await asyncio.to_thread(runs.summary, state.root, folder)
         status = {**summary, "console": _console(state, folder)}
@@ -294,8 +333,9 @@ async def _event_stream(request: Request, state: BoardState, given: str, folder:
         await asyncio.sleep(POLL_S)
 
 
-def _event(name: str, data: Any) -> str:
-    return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+def _event(name: str, data: Any, event_id: str | None = None) -> str:
+    body = json.dumps(finite(data), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return f"event: {name}\n" + (f"id: {event_id}\n" if event_id else "") + f"data: {body}\n\n"
 
 
 def _config_choices(state: BoardState) -> list[dict[str, str]]:

@@ -52,6 +52,7 @@ class DataView:
         from ftkit.data.dataset import encode_dataset
         from ftkit.data.encoding import trained_spans
         from ftkit.data.options import DataOptions
+        from ftkit.guard import system_prompt_variants
 
         if model not in models:
             raise BoardError(400, f"model {model!r} is not one the board previews with; pick one of: "
@@ -64,9 +65,11 @@ class DataView:
             config = load_stage_config(TrainConfig, None, {
                 "model_name_or_path": model, "dataset": name, "dataset_dir": str(self.dataset_dir),
                 "template": template, "output_dir": str(self.dataset_dir / ".unused")}).config
+            options = DataOptions.from_config(config)
+            variants, _ = system_prompt_variants(config, options)  # as training encodes them
             with self._lock:
                 tokenizer = self._tokenizer(config)
-                examples, stats = encode_dataset(name, DataOptions.from_config(config), tokenizer)
+                examples, stats = encode_dataset(name, options, tokenizer, variants=variants)
         except FtkitError as error:
             raise BoardError(400, str(error)) from None
         shown = [{"tokens": len(example.input_ids), "trained": sum(1 for t in example.labels if t != -100),

@@ -16,20 +16,22 @@ the run interrupted and releases the folder. Resume runs the run's own resolved 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ftkit.board.runs import BoardError, checkpoints, process_is_running, run_id, run_state
+from ftkit.board.runs import BoardError, checkpoints, read_status, run_id, run_state
 from ftkit.errors import FtkitError
-from ftkit.run_files import RUN_CONFIG_FILE, read_run_status
+from ftkit.run_files import RUN_CONFIG_FILE, process_is_running
 
 BOARD_DIR = ".ftkit-board"  # under the root: the configs the page launched and their console output
 _CONSOLE_HEAD_BYTES = 4096  # the run's first lines: model, data, plan
@@ -101,8 +103,10 @@ class Launcher:
                                                                        "config (YAML) first."}]
         configs = self.folder / "configs"
         configs.mkdir(parents=True, exist_ok=True)
-        path = configs / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{threading.get_ident() % 10000}.yaml"
-        path.write_text(text, encoding="utf-8")
+        fd, name = tempfile.mkstemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), suffix=".yaml", dir=configs)
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+        path = Path(name)
         problems: list[dict[str, Any]] = []
         config = None
         try:
@@ -142,7 +146,8 @@ class Launcher:
             raise
 
     def resume(self, folder: Path) -> Launch:
-        """Train ``folder``'s run on from its last complete checkpoint."""
+        """Train ``folder``'s run on from its last complete checkpoint (into ``folder`` itself, whatever
+        working folder the run was started from)."""
         state, _ = run_state(folder)
         if state == "running":
             raise BoardError(409, f"Run {run_id(self.root, folder)} is still running; stop it before resuming.")
@@ -153,9 +158,10 @@ class Launcher:
         if not any(c["complete"] for c in checkpoints(folder)):
             raise BoardError(409, f"Run {run_id(self.root, folder)} has no complete checkpoint to resume from; "
                              "launch it again from the Launch tab (with overwrite_output_dir: true).")
-        config_file = folder.resolve() / RUN_CONFIG_FILE
-        return self._start(folder.resolve(), [str(config_file), "resume_from_checkpoint=true",
-                                              "overwrite_output_dir=false"], config_file)
+        output_dir = folder.resolve()
+        config_file = output_dir / RUN_CONFIG_FILE
+        return self._start(output_dir, [str(config_file), "resume_from_checkpoint=true", "overwrite_output_dir=false",
+                                        f"output_dir={json.dumps(str(output_dir))}"], config_file)
 
     def _start(self, output_dir: Path, args: list[str], config_file: Path) -> Launch:
         with self._lock:
@@ -163,12 +169,12 @@ class Launcher:
             current = self.launches.get(output_dir)
             if current is not None and current.alive and run_state(output_dir)[0] != "running":
                 with contextlib.suppress(subprocess.TimeoutExpired):  # it has ended its run and is exiting
-                    current.process.wait(timeout=30)
+                    current.process.wait(timeout=15)
             if current is not None and current.alive:
                 raise BoardError(409, f"The board is already running a training into {output_dir} (process "
                                  f"{current.process.pid}); stop it first or choose another output_dir.")
             if run_state(output_dir)[0] == "running":
-                pid = (read_run_status(output_dir) or {}).get("pid")
+                pid = (read_status(output_dir) or {}).get("pid")
                 raise BoardError(409, f"Another ftkit run (process {pid}) is training into {output_dir}; wait for "
                                  "it to finish or choose another output_dir.")
             launches = self.folder / "launches"
@@ -192,7 +198,7 @@ class Launcher:
                 os.killpg(launch.process.pid, signal.SIGTERM)
             return launch.process.pid
         state, _ = run_state(folder)
-        status = read_run_status(folder) or {}
+        status = read_status(folder) or {}
         pid = status.get("pid")
         if state != "running" or not _is_ftkit_process(pid):
             raise BoardError(409, f"Run {run_id(self.root, folder)} is not running on this machine; there is "
@@ -224,12 +230,12 @@ class Launcher:
 
 
 def _is_ftkit_process(pid: Any) -> bool:
-    """Whether ``pid`` is a live process whose command line runs ftkit (never signal anything else)."""
-    if not process_is_running(pid):
+    """Whether ``pid`` is a live ``ftkit train`` process other than this one (never signal anything else)."""
+    if not process_is_running(pid) or pid == os.getpid():
         return False
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            return b"ftkit" in cmdline.read()
+            return b"ftkit\x00train\x00" in cmdline.read()
     except OSError:
         return False
 

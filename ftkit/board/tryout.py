@@ -2,8 +2,9 @@
 
 The run's base (from its config) is loaded with its adapter through ``ftkit.models.load_for_inference``,
 prompted with the tokenizer and template saved beside the adapter, and answered by the inference
-engine (``ftkit.engine.replies``). One model is kept loaded (the last run chatted with); requests take
-turns, since one engine step uses every core of a CPU anyway.
+engine (``ftkit.engine.replies``). One model is kept loaded (the last run chatted with); one question is
+answered at a time (one engine step uses every core of a CPU anyway), and a second asked meanwhile is
+told the box is busy rather than holding one of the server's threads.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from ftkit.board.runs import BoardError, read_config, run_state
 from ftkit.errors import FtkitError
-from ftkit.run_files import ADAPTER_CONFIG_FILE
+from ftkit.run_files import ADAPTER_CONFIG_FILE, RUN_RESULTS_FILE
 
 MAX_MESSAGES = 64
 MAX_CHARACTERS = 20000
@@ -30,21 +31,28 @@ class Tryout:
         from ftkit.engine.replies import generate_replies
 
         conversation = _checked_messages(messages)
-        if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= 2048:
+        if type(max_new_tokens) is not int or not 1 <= max_new_tokens <= 2048:
             raise BoardError(400, "max_new_tokens must be a whole number from 1 to 2048.")
         state, _ = run_state(folder)
         if state != "finished":
             raise BoardError(409, f"The run is {state}; the Try box answers with a finished run's model.")
-        with self._lock:
+        if not self._lock.acquire(blocking=False):
+            raise BoardError(409, "The Try box is answering another question; ask again in a moment.")
+        try:
             loaded = self._model(folder)
             reply = generate_replies(loaded.model, loaded.tokenizer, [conversation], max_new_tokens=max_new_tokens)[0]
+        finally:
+            self._lock.release()
         return reply.text
 
     def _model(self, folder: Path) -> Any:
         from ftkit.models import load_for_inference
 
         resolved = folder.resolve()
-        key = (str(resolved), (resolved / "train_results.json").stat().st_mtime)
+        try:
+            key = (str(resolved), (resolved / RUN_RESULTS_FILE).stat().st_mtime)
+        except OSError:
+            raise BoardError(409, "The run's results are gone (was its folder deleted?).") from None
         if self._loaded is not None and self._loaded[0] == key:
             return self._loaded[1]
         self._loaded = None  # free the previous model first
@@ -61,10 +69,13 @@ class Tryout:
                 loaded = load_for_inference(str(resolved), template=template)
             else:
                 raise BoardError(409, "The run saved no model or adapter to chat with.")
+        except BoardError:
+            raise
         except FtkitError as error:
-            if isinstance(error, BoardError):
-                raise
             raise BoardError(409, f"The run's model cannot be loaded: {error}") from None
+        except Exception as error:  # a damaged adapter or model file: peft, safetensors or torch say why
+            raise BoardError(409, f"The run's model cannot be loaded ({type(error).__name__}: "
+                             f"{str(error).splitlines()[0] if str(error) else 'no message'}).") from None
         self._loaded = (key, loaded)
         return loaded
 

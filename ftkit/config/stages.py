@@ -207,8 +207,9 @@ class ServeConfig(ModelSection):
         return dict(self.adapter_entries())
 
     def problems(self) -> list[Problem]:
-        import ipaddress
         import os
+
+        from ftkit.http_server import is_loopback
 
         found = ModelSection.problems(self)
         names = [name for name, _ in self.adapter_entries()]
@@ -218,11 +219,7 @@ class ServeConfig(ModelSection):
         elif twice := sorted({name for name in names if names.count(name) > 1}):
             found.append(("adapter_name_or_path", f"adapter_name_or_path names two adapters {twice[0]!r}; give "
                           "each its own name as NAME=PATH."))
-        try:
-            loopback = self.host == "localhost" or ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            loopback = False
-        if not loopback and not (self.api_key or os.environ.get("FTKIT_API_KEY")):
+        if not is_loopback(self.host) and not (self.api_key or os.environ.get("FTKIT_API_KEY")):
             found.append(("host", f"host {self.host} is reachable from other machines, and without an API key "
                           "anyone there could use the model; set api_key (or FTKIT_API_KEY) or listen on "
                           "127.0.0.1."))

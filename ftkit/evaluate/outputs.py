@@ -20,8 +20,9 @@ from typing import Any
 
 from ftkit.errors import FtkitError
 from ftkit.paths import atomic_write_text
+from ftkit.run_files import EVALUATION_RESULTS_FILE
 
-RESULTS_NAME = "results.json"
+RESULTS_NAME = EVALUATION_RESULTS_FILE
 SAMPLES_NAME = "samples.jsonl"
 
 

@@ -10,7 +10,6 @@ streaming or not, has its request aborted and its KV blocks freed. With an API k
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -25,6 +24,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
 
 from ftkit.engine.async_engine import AsyncEngine
+from ftkit.http_server import bearer_matches
 from ftkit.serve.generation import Generation, Job
 from ftkit.serve.metrics import ServerMetrics
 from ftkit.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
@@ -136,9 +136,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def authorized(request: Request) -> None:
         if state.api_key is None:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.api_key.encode()):
+        if not bearer_matches(request.headers.get("authorization", ""), state.api_key):
             raise APIError(401, "Missing or wrong API key: send the header 'Authorization: Bearer <key>'.")
 
     @app.exception_handler(APIError)

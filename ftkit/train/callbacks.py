@@ -14,6 +14,7 @@ from transformers import TrainerCallback
 from ftkit.paths import atomic_write_text
 from ftkit.run_files import LOSS_PLOT_FILE as PLOT_FILE
 from ftkit.run_files import TRAINER_LOG_FILE as LOG_FILE
+from ftkit.run_files import parse_log_lines
 
 
 class ProgressAndLogCallback(TrainerCallback):
@@ -96,15 +97,7 @@ def read_log(output_dir: Path) -> list[dict[str, Any]]:
     path = Path(output_dir) / LOG_FILE
     if not path.is_file():
         return []
-    records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+    return list(parse_log_lines(path.read_bytes()))
 
 
 def plot_loss(output_dir: Path) -> Path | None:

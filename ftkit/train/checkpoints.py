@@ -35,6 +35,7 @@ from ftkit.paths import atomic_write_text
 from ftkit.run_files import (
     ADAPTER_CONFIG_FILE,
     CHECKPOINT_MANIFEST,
+    CHECKPOINT_PATTERN,
     LOSS_PLOT_FILE,
     RUN_CONFIG_FILE,
     RUN_RESULTS_FILE,
@@ -42,7 +43,6 @@ from ftkit.run_files import (
     TRAINER_LOG_FILE,
 )
 
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STAGING_DIR = ".ftkit-staging"
 FINAL_STAGING_DIR = ".ftkit-final"  # where run.py assembles the final model before moving it into place
 RESULTS_FILE = RUN_RESULTS_FILE
@@ -290,6 +290,7 @@ def checkpoint_step(path: Path) -> int:
 
 # Keys that may change between a run and its resume without changing what is trained.
 _RESUME_NEUTRAL_KEYS = {
+    "output_dir",  # the same folder, perhaps spelled another way (ftkit board resumes with its absolute path)
     "resume_from_checkpoint", "overwrite_output_dir", "logging_steps", "save_steps", "save_total_limit",
     "report_to", "run_name", "logging_dir", "plot_loss", "dataloader_num_workers", "preprocessing_num_workers",
     "overwrite_cache", "eval_steps", "per_device_eval_batch_size", "ddp_timeout", "cache_dir", "hf_hub_token",

@@ -239,8 +239,8 @@ class RunFolder:
         if not self.manages:
             return
         self.first_step_done()
-        self.end()
         write_manifest(self.path, __version__)
+        self.end()
 
     def end(self, error: BaseException | None = None) -> None:
         """Write the run's final status (finished without ``error``); once, and only for a started run."""

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftkit.errors import FtkitError
+from ftkit.run_files import process_is_running
 from ftkit.train.checkpoints import LOCK_FILE
 
 _HALF_WRITTEN_GRACE_S = 5.0  # a lock with no readable holder younger than this is being written right now
@@ -79,7 +80,7 @@ def _remove_if_stale(path: Path, output_dir: Path, report: Callable[[str], None]
         if host != socket.gethostname():
             raise FtkitError(f"output_dir {output_dir} is locked by process {pid} on host {host} ({path}); wait for "
                              "that run to finish, or delete the lock file if no ftkit run is using the folder.")
-        if _process_is_running(pid):
+        if process_is_running(pid):
             raise FtkitError(f"output_dir {output_dir} is in use by another ftkit run (process {pid}, started "
                              f"{holder.get('started', 'at an unknown time')}); wait for it to finish or choose another "
                              f"output_dir (if process {pid} is not an ftkit run, delete {path}).")
@@ -98,16 +99,3 @@ def _read_holder(path: Path) -> dict | None:
     if not isinstance(holder, dict) or not isinstance(holder.get("pid"), int) or not isinstance(holder.get("host"), str):
         return None
     return holder
-
-
-def _process_is_running(pid: int) -> bool:
-    """Whether a process with this id exists on this host (signal 0 checks without sending anything)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True

@@ -97,7 +97,14 @@ def launch_training(loaded: LoadedConfig, argv: list[str]) -> None:
         check_output_dir(config)
         plan_resume(Path(config.output_dir), config.resume_from_checkpoint, config.overwrite_output_dir,
                     world_size=launch.world_size)
-    relaunch(launch, argv, _say)
+    try:
+        relaunch(launch, argv, _say)
+    except FtkitError as error:
+        if launch.node_rank == 0:
+            from ftkit.train.run_status import record_failure
+
+            record_failure(Path(config.output_dir), str(error))
+        raise
 
 
 def _quiet_progress_bars() -> None:

@@ -20,9 +20,7 @@ from typing import Any
 
 from ftkit.errors import FtkitError
 from ftkit.paths import atomic_write_text
-from ftkit.run_files import RUN_STATUS_FILE
-
-HEARTBEAT_S = 5.0
+from ftkit.run_files import HEARTBEAT_S, RUN_STATUS_FILE, read_run_status
 
 
 class RunStatus:
@@ -72,10 +70,20 @@ class RunStatus:
         with self._lock:
             self.record["heartbeat"] = round(time.time(), 3)
             text = json.dumps(self.record) + "\n"
-            if not self.path.parent.is_dir():
-                return  # the run's folder was deleted under it: do not create it again
+            # a folder deleted under the run is not created again (that would leave a run of one file)
             with contextlib.suppress(OSError):  # the folder went away or filled up: the run reports what matters
-                atomic_write_text(self.path, text)
+                atomic_write_text(self.path, text, create_parent=False)
+
+
+def record_failure(output_dir: Path, message: str) -> None:
+    """A multi-process run whose other process failed: the launcher corrects rank 0's "interrupted" (it was
+    stopped by the launcher) to "failed" with the launcher's sentence."""
+    status = read_run_status(output_dir)
+    if status is None or status["status"] not in ("running", "interrupted"):
+        return
+    status.update(status="failed", message=message, ended=round(time.time(), 3))
+    with contextlib.suppress(OSError):
+        atomic_write_text(Path(output_dir) / RUN_STATUS_FILE, json.dumps(status) + "\n", create_parent=False)
 
 
 def _interruption(error: BaseException) -> str:

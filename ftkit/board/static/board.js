@@ -2,7 +2,7 @@
 // Everything shown comes from the JSON API (ftkit/board/app.py); live curves come from /api/events.
 "use strict";
 
-const board = (window.ftkitBoard = { charts: {}, run: null, selected: new Set(), timers: [], source: null });
+const board = (window.ftkitBoard = { charts: {}, run: null, selected: new Set(), timers: [], source: null, route: 0 });
 const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#db2777", "#65a30d"];
 
 // -- helpers --------------------------------------------------------------------------------------------------
@@ -51,7 +51,11 @@ function duration(seconds) {
 
 function every(ms, fn) { fn(); board.timers.push(setInterval(fn, ms)); }
 
+// Each view checks after every await that it is still the one shown (the user may have moved on meanwhile).
+const current = (route) => route === board.route;
+
 function leaveView() {
+  board.route += 1;
   board.timers.forEach(clearInterval);
   board.timers = [];
   if (board.source) { board.source.close(); board.source = null; }
@@ -129,6 +133,7 @@ function renderRuns() {
 
 // -- one run --------------------------------------------------------------------------------------------------
 async function renderRun(id) {
+  const route = board.route;
   const status = h("span", { id: "run-status" });
   const detail = h("span", { id: "run-detail", class: "muted" });
   const stop = h("button", { id: "stop", onclick: async () => act("/api/stop") }, "Stop");
@@ -176,9 +181,10 @@ async function renderRun(id) {
 
   let run;
   try { run = await api(`/api/run?id=${encodeURIComponent(id)}`); } catch (error) {
-    view(h("h2", {}, id), h("div", { class: "notice bad", id: "run-message" }, error.message));
+    if (current(route)) view(h("h2", {}, id), h("div", { class: "notice bad", id: "run-message" }, error.message));
     return;
   }
+  if (!current(route)) return;
   board.run = run;
   showStatus(run);
   configText.textContent = run.config_text || "(no resolved config yet)";
@@ -191,7 +197,12 @@ async function renderRun(id) {
     });
     return;
   }
-  const log = await api(`/api/log?id=${encodeURIComponent(id)}`);
+  let log;
+  try { log = await api(`/api/log?id=${encodeURIComponent(id)}`); } catch (error) {
+    if (current(route)) message.replaceChildren(h("div", { class: "notice bad" }, error.message));
+    return;
+  }
+  if (!current(route)) return;
   board.log = log;
   board.charts.loss = lineChart(charts.loss, "loss", log.eval.step.length ? ["loss", "eval loss"] : ["loss"],
                                 lossData(log.train, log.eval));
@@ -210,11 +221,11 @@ function follow(id, log, showStatus) {
       for (const key of Object.keys(chunk.eval)) log.eval[key].push(...chunk.eval[key]);
     }
     log.cursor = chunk.cursor;
-    const hadEval = board.charts.loss.series.length > 2;
-    if (log.eval.step.length && !hadEval) {  // the first eval loss: the chart gets its second series
+    const labels = log.eval.step.length ? ["loss", "eval loss"] : ["loss"];
+    if (board.charts.loss.series.length !== labels.length + 1) {  // eval loss appeared (or a reset removed it)
       const target = board.charts.loss.root.parentNode;
       board.charts.loss.destroy();
-      board.charts.loss = lineChart(target, "loss", ["loss", "eval loss"], lossData(log.train, log.eval));
+      board.charts.loss = lineChart(target, "loss", labels, lossData(log.train, log.eval));
     } else board.charts.loss.setData(lossData(log.train, log.eval));
     board.charts.lr.setData([log.train.step, log.train.learning_rate]);
     board.charts.grad.setData([log.train.step, log.train.grad_norm]);
@@ -292,6 +303,7 @@ function chatBox(id) {
 
 // -- compare --------------------------------------------------------------------------------------------------
 async function renderCompare(ids) {
+  const route = board.route;
   const chartBox = h("div", { class: "card", id: "chart-compare" });
   const onlyDiff = h("input", { type: "checkbox", id: "only-differing", checked: true });
   const diff = h("table", { id: "config-diff" });
@@ -299,8 +311,10 @@ async function renderCompare(ids) {
        h("h3", {}, "Configs ", h("label", { class: "muted" }, onlyDiff, " only the keys that differ")), diff);
   let body;
   try { body = await api(`/api/compare?${ids.map((id) => `id=${encodeURIComponent(id)}`).join("&")}`); } catch (error) {
-    view(h("h2", {}, "Compare"), h("div", { class: "notice bad" }, error.message)); return;
+    if (current(route)) view(h("h2", {}, "Compare"), h("div", { class: "notice bad" }, error.message));
+    return;
   }
+  if (!current(route)) return;
   board.compare = body;
   const data = uPlot.join(body.curves.map((c) => [c.step, c.loss]));
   board.charts.compare = lineChart(chartBox, "loss", body.curves.map((c) => c.id), data);
@@ -316,6 +330,7 @@ async function renderCompare(ids) {
 
 // -- launch ---------------------------------------------------------------------------------------------------
 async function renderLaunch() {
+  const route = board.route;
   const pick = h("select", { id: "config-pick" }, h("option", { value: "" }, "pick a config to start from…"));
   const text = h("textarea", { id: "config-text", spellcheck: "false",
     placeholder: "model_name_or_path: smollm2-135m-instruct\nstage: sft\nfinetuning_type: lora\ndataset: identity\noutput_dir: saves/my-run" });
@@ -329,12 +344,13 @@ async function renderLaunch() {
          h("div", {}, outcome, annotated)));
   try {
     const body = await api("/api/configs");
-    pick.append(...body.configs.map((name) => h("option", { value: name }, name)));
+    if (current(route)) pick.append(...body.configs.map((name) => h("option", { value: name }, name)));
   } catch { /* the editor still works */ }
   pick.addEventListener("change", async () => {
     if (!pick.value) return;
-    const body = await api(`/api/config?name=${encodeURIComponent(pick.value)}`);
-    text.value = body.text;
+    try { text.value = (await api(`/api/config?name=${encodeURIComponent(pick.value)}`)).text; } catch (error) {
+      outcome.replaceChildren(h("div", { class: "notice bad" }, error.message));
+    }
   });
 
   function showProblems(problems) {
@@ -376,6 +392,7 @@ async function renderLaunch() {
 
 // -- data -----------------------------------------------------------------------------------------------------
 async function renderData() {
+  const route = board.route;
   const tbody = h("tbody");
   const modelPick = h("select", { id: "preview-model" });
   const preview = h("div", { id: "preview" });
@@ -385,6 +402,7 @@ async function renderData() {
        h("div", { class: "toolbar" }, h("span", {}, "preview with the tokenizer and template of "), modelPick), preview);
   let body;
   try { body = await api("/api/datasets"); } catch (error) { preview.replaceChildren(h("div", { class: "notice bad" }, error.message)); return; }
+  if (!current(route)) return;
   document.getElementById("registry").textContent = body.error || `registry: ${body.registry}`;
   modelPick.append(...body.models.map((m) => h("option", { value: m }, m)));
   let current = null;
@@ -418,8 +436,9 @@ function renderRoute() {
   for (const link of document.querySelectorAll("header nav a")) {
     link.classList.toggle("active", link.dataset.tab === (page || "runs"));
   }
-  if (page === "run" && arg) return renderRun(decodeURIComponent(arg));
-  if (page === "compare" && arg) return renderCompare(arg.split(",").map(decodeURIComponent));
+  const decode = (text) => { try { return decodeURIComponent(text); } catch { return text; } };
+  if (page === "run" && arg) return renderRun(decode(arg));
+  if (page === "compare" && arg) return renderCompare(arg.split(",").map(decode));
   if (page === "launch") return renderLaunch();
   if (page === "data") return renderData();
   return renderRuns();
