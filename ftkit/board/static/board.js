@@ -52,7 +52,7 @@ function duration(seconds) {
 function every(ms, fn) { fn(); board.timers.push(setInterval(fn, ms)); }
 
 // Each view checks after every await that it is still the one shown (the user may have moved on meanwhile).
-const current = (route) => route === board.route;
+const stillShown = (route) => route === board.route;
 
 function leaveView() {
   board.route += 1;
@@ -181,10 +181,10 @@ async function renderRun(id) {
 
   let run;
   try { run = await api(`/api/run?id=${encodeURIComponent(id)}`); } catch (error) {
-    if (current(route)) view(h("h2", {}, id), h("div", { class: "notice bad", id: "run-message" }, error.message));
+    if (stillShown(route)) view(h("h2", {}, id), h("div", { class: "notice bad", id: "run-message" }, error.message));
     return;
   }
-  if (!current(route)) return;
+  if (!stillShown(route)) return;
   board.run = run;
   showStatus(run);
   configText.textContent = run.config_text || "(no resolved config yet)";
@@ -199,10 +199,10 @@ async function renderRun(id) {
   }
   let log;
   try { log = await api(`/api/log?id=${encodeURIComponent(id)}`); } catch (error) {
-    if (current(route)) message.replaceChildren(h("div", { class: "notice bad" }, error.message));
+    if (stillShown(route)) message.replaceChildren(h("div", { class: "notice bad" }, error.message));
     return;
   }
-  if (!current(route)) return;
+  if (!stillShown(route)) return;
   board.log = log;
   board.charts.loss = lineChart(charts.loss, "loss", log.eval.step.length ? ["loss", "eval loss"] : ["loss"],
                                 lossData(log.train, log.eval));
@@ -311,10 +311,10 @@ async function renderCompare(ids) {
        h("h3", {}, "Configs ", h("label", { class: "muted" }, onlyDiff, " only the keys that differ")), diff);
   let body;
   try { body = await api(`/api/compare?${ids.map((id) => `id=${encodeURIComponent(id)}`).join("&")}`); } catch (error) {
-    if (current(route)) view(h("h2", {}, "Compare"), h("div", { class: "notice bad" }, error.message));
+    if (stillShown(route)) view(h("h2", {}, "Compare"), h("div", { class: "notice bad" }, error.message));
     return;
   }
-  if (!current(route)) return;
+  if (!stillShown(route)) return;
   board.compare = body;
   const data = uPlot.join(body.curves.map((c) => [c.step, c.loss]));
   board.charts.compare = lineChart(chartBox, "loss", body.curves.map((c) => c.id), data);
@@ -344,7 +344,7 @@ async function renderLaunch() {
          h("div", {}, outcome, annotated)));
   try {
     const body = await api("/api/configs");
-    if (current(route)) pick.append(...body.configs.map((name) => h("option", { value: name }, name)));
+    if (stillShown(route)) pick.append(...body.configs.map((name) => h("option", { value: name }, name)));
   } catch { /* the editor still works */ }
   pick.addEventListener("change", async () => {
     if (!pick.value) return;
@@ -402,12 +402,12 @@ async function renderData() {
        h("div", { class: "toolbar" }, h("span", {}, "preview with the tokenizer and template of "), modelPick), preview);
   let body;
   try { body = await api("/api/datasets"); } catch (error) { preview.replaceChildren(h("div", { class: "notice bad" }, error.message)); return; }
-  if (!current(route)) return;
+  if (!stillShown(route)) return;
   document.getElementById("registry").textContent = body.error || `registry: ${body.registry}`;
   modelPick.append(...body.models.map((m) => h("option", { value: m }, m)));
-  let current = null;
+  let showing = null;
   const show = async (name) => {
-    current = name;
+    showing = name;
     preview.replaceChildren(h("p", { class: "muted" }, `encoding ${name}…`));
     try {
       const shown = await api(`/api/datasets/preview?name=${encodeURIComponent(name)}&model=${encodeURIComponent(modelPick.value)}`);
@@ -422,7 +422,7 @@ async function renderData() {
           h("pre", {}, example.spans.map(([piece, trained]) => h("span", { class: trained ? "trained" : "masked" }, piece))))));
     } catch (error) { preview.replaceChildren(h("div", { class: "notice bad" }, error.message)); }
   };
-  modelPick.addEventListener("change", () => current && show(current));
+  modelPick.addEventListener("change", () => showing && show(showing));
   tbody.replaceChildren(...body.datasets.map((d) => h("tr", { class: "clickable", "data-name": d.name, onclick: () => show(d.name) },
     h("td", {}, d.name), h("td", {}, d.format || d.error || ""), h("td", {}, d.source || ""), h("td", {}, d.location || ""),
     h("td", {}, d.available === null || d.available === undefined ? "needs hub or cache" : (d.available ? "yes" : "MISSING")))));
