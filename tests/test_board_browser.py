@@ -2,8 +2,8 @@
 
 The board runs on loopback over runs made in-test. The page's curves must hold exactly the log's points
 and follow new lines live; compare overlays runs and marks differing keys; a config with problems shows
-each at its line and starts nothing; a tiny run launched from the page is watched to the end and chatted
-with; a long one is stopped, resumed and stopped again. ``make test`` installs chromium where it can; where
+each at its line and starts nothing; a tiny run launched from the page is stopped, resumed, watched to the
+end and chatted with. ``make test`` installs chromium where it can; where
 it cannot, these tests skip with that sentence.
 """
 
@@ -141,26 +141,54 @@ def tiny_config(model_dir: Path, output_dir: Path, **extra) -> str:
 
 
 @pytest.mark.slow
-def test_launch_from_the_page_watch_it_finish_and_chat_with_it(board, tiny_llama_dir, tmp_path):
-    page, url, root, _ = board
+def test_launch_stop_resume_finish_and_chat_from_the_page(board, tiny_llama_dir):
+    """One real run through everything the page does with it (each ftkit train start costs seconds)."""
+    page, url, root, state = board
     page.goto(url + "/#/launch")
     bad = tiny_config(tiny_llama_dir, root / "tiny").replace("learning_rate", "learning_rat")
     page.fill("#config-text", bad)
     page.click("#launch")
     page.wait_for_selector("#annotated .line.bad")
-    line = bad.splitlines().index(next(x for x in bad.splitlines() if x.startswith("learning_rat"))) + 1
+    line = [x.split(":")[0] for x in bad.splitlines()].index("learning_rat") + 1
     assert page.locator(f'#annotated .line.bad[data-line="{line}"]').count() == 1
     assert "did you mean 'learning_rate'" in page.locator('#annotated .problem[data-key="learning_rat"]').inner_text()
     assert httpx.get(url + "/api/runs").json()["runs"] == [] and not (root / "tiny").exists()
 
-    page.fill("#config-text", tiny_config(tiny_llama_dir, root / "tiny"))
+    config = tiny_config(tiny_llama_dir, root / "tiny", max_steps=60, save_strategy="steps", save_steps=4,
+                         save_total_limit=2)
+    page.fill("#config-text", config)
     page.click("#launch")
     page.wait_for_function("location.hash === '#/run/tiny'")
-    wait_status(page, "finished", 180)
-    page.wait_for_function("ftkitBoard.charts.loss && ftkitBoard.charts.loss.data[0].length === 6", timeout=10000)
+    deadline = time.monotonic() + 180
+    while not any(c["complete"] for c in httpx.get(url + "/api/run", params={"id": "tiny"}).json().get(
+            "checkpoints", [])):
+        assert time.monotonic() < deadline, "the launched run saved no checkpoint"
+        time.sleep(0.3)
+    wait_status(page, "running", 30)
+
+    page.goto(url + "/#/launch")  # a second launch into the same output_dir is refused
+    page.fill("#config-text", config)
+    page.click("#launch")
+    page.wait_for_selector("#launch-outcome .notice.bad")
+    assert "already running a training into" in page.locator("#launch-outcome").inner_text()
+
+    page.goto(url + "/#/run/tiny")
+    wait_status(page, "running", 20)
+    page.click("#stop")
+    wait_status(page, "interrupted", 60)
+    assert "SIGTERM" in page.locator("#run-detail").inner_text()
+    page.click("#resume")
+    wait_status(page, "finished", 180)  # from the last checkpoint to step 60
+
+    steps = [json.loads(line)["step"] for line in (root / "tiny" / TRAINER_LOG_FILE).read_text().splitlines()]
+    assert steps == list(range(1, 61))  # resumed from the checkpoint: the log has no gap and no repeat
+    page.wait_for_function("ftkitBoard.charts.loss.data[0].length === 60", timeout=20000)
     logged = [json.loads(line)["loss"] for line in (root / "tiny" / TRAINER_LOG_FILE).read_text().splitlines()]
     assert chart_data(page, "loss")[1] == logged
     assert "done: loss" in page.locator("#console").inner_text()
+    for launch in state.launcher.launches.values():  # the stopped process exited and let the resumed one in
+        assert launch.process.wait(timeout=60) in (0, 128 + 15)
+    assert not (root / "tiny" / ".ftkit-lock").exists()
 
     page.wait_for_selector("#chat-input")
     page.fill("#chat-input", "Who are you?")
@@ -170,44 +198,3 @@ def test_launch_from_the_page_watch_it_finish_and_chat_with_it(board, tiny_llama
     shot = page.screenshot(full_page=True)
     width, height = struct.unpack(">II", shot[16:24])  # the PNG's own header: a picture of the whole page
     assert shot[:8] == b"\x89PNG\r\n\x1a\n" and width == 1280 and height > 900
-
-
-@pytest.mark.slow
-def test_stop_resume_and_stop_a_run_from_the_page(board, tiny_llama_dir):
-    page, url, root, state = board
-    config = tiny_config(tiny_llama_dir, root / "long", max_steps=2000, save_strategy="steps", save_steps=3,
-                         save_total_limit=2)
-    page.goto(url + "/#/launch")
-    page.fill("#config-text", config)
-    page.click("#launch")
-    page.wait_for_function("location.hash === '#/run/long'")
-    deadline = time.monotonic() + 180
-    while not any(c["complete"] for c in httpx.get(url + "/api/run", params={"id": "long"}).json().get(
-            "checkpoints", [])):
-        assert time.monotonic() < deadline, "the launched run saved no checkpoint"
-        time.sleep(0.5)
-    wait_status(page, "running", 30)
-
-    page.goto(url + "/#/launch")  # a second launch into the same output_dir is refused
-    page.fill("#config-text", config)
-    page.click("#launch")
-    page.wait_for_selector("#launch-outcome .notice.bad")
-    assert "already running a training into" in page.locator("#launch-outcome").inner_text()
-
-    page.goto(url + "/#/run/long")
-    wait_status(page, "running", 10)
-    page.click("#stop")
-    wait_status(page, "interrupted", 60)
-    assert "SIGTERM" in page.locator("#run-detail").inner_text()
-    stopped_at = max(json.loads(line)["step"] for line in (root / "long" / TRAINER_LOG_FILE).read_text().splitlines())
-
-    page.click("#resume")
-    wait_status(page, "running", 120)
-    page.wait_for_function(f"Math.max(...ftkitBoard.charts.loss.data[0]) > {stopped_at}", timeout=120000)
-    page.click("#stop")
-    wait_status(page, "interrupted", 60)
-    steps = [json.loads(line)["step"] for line in (root / "long" / TRAINER_LOG_FILE).read_text().splitlines()]
-    assert steps == list(range(1, len(steps) + 1))  # resumed from the checkpoint: the log has no gap, no repeat
-    for launch in state.launcher.launches.values():  # both processes exit and release the folder
-        assert launch.process.wait(timeout=60) == 128 + 15
-    assert not (root / "long" / ".ftkit-lock").exists()
