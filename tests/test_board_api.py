@@ -212,6 +212,18 @@ def test_static_files_stay_in_the_package(board):
         assert client.get(path).status_code == 404, path
 
 
+def test_curves_of_runs_not_looked_at_lately_are_read_again_when_needed(tmp_path):
+    from ftkit.board.runs import Curves
+
+    curves = Curves()
+    curves.KEPT_RUNS = 2
+    folders = [write_run(tmp_path / f"run{i}", steps=5 + i) for i in range(3)]
+    assert [curves.full(f)["train"]["step"][-1] for f in folders] == [5, 6, 7]  # run0 is dropped from memory
+    append_log(folders[0], range(6, 9))
+    assert curves.full(folders[0])["train"]["step"] == list(range(1, 9))
+    assert curves.full(folders[2])["train"]["step"] == list(range(1, 8))
+
+
 def test_nan_and_infinity_in_a_log_read_as_null(board):
     client, root, _ = board
     folder = write_run(root / "run", steps=2, status="running")

@@ -27,6 +27,7 @@ import socket
 import threading
 import time
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -332,10 +333,14 @@ def finite(value: Any) -> Any:
 
 
 class Curves:
-    """Each run's whole log as columns, kept with its cursor: a read costs only the lines written since."""
+    """Each run's whole log as columns, kept with its cursor: a read costs only the lines written since.
+
+    The ``KEPT_RUNS`` runs looked at last are kept (10,000 log lines are about 2 MB of Python numbers)."""
+
+    KEPT_RUNS = 16
 
     def __init__(self) -> None:
-        self._cache: dict[Path, LogChunk] = {}
+        self._cache: OrderedDict[Path, LogChunk] = OrderedDict()
         self._lock = threading.Lock()  # requests run in worker threads: one extends a run's cache at a time
 
     def full(self, folder: Path) -> dict[str, Any]:
@@ -346,6 +351,9 @@ class Curves:
             if cached is None or new.reset:
                 cached = LogChunk(cursor=new.cursor, reset=False)
                 self._cache[folder] = cached
+            self._cache.move_to_end(folder)
+            while len(self._cache) > self.KEPT_RUNS:
+                self._cache.popitem(last=False)
             cached.extend(new)
             return {"cursor": cached.cursor, "train": {k: list(v) for k, v in cached.train.items()},
                     "eval": {k: list(v) for k, v in cached.eval.items()}}
