@@ -117,7 +117,10 @@ def test_the_runs_table_reads_each_runs_status_without_guessing(board, tmp_path)
         write_run(root / ".hidden", steps=3)
         outside = write_run(tmp_path / "elsewhere" / "run", steps=3)
         (root / "link-out").symlink_to(outside.parent, target_is_directory=True)
+        (root / "loop-a").symlink_to(root / "loop-b")  # a link loop
+        (root / "loop-b").symlink_to(root / "loop-a")
         rows = {row["id"]: row for row in client.get("/api/runs").json()["runs"]}
+        assert client.get("/api/run", params={"id": "loop-a"}).status_code == 404
     finally:
         sleeper.kill()
         sleeper.wait()

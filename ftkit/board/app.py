@@ -284,14 +284,17 @@ def _run_or_pending(state: BoardState, given: str) -> Path | None:
     try:
         return runs.run_dir(state.root, given)
     except BoardError:
-        if any(launch.output_dir == (state.root / given).resolve() for launch in state.launcher.pending()) \
+        if any(launch.output_dir == runs.resolved_path(state.root / given) for launch in state.launcher.pending()) \
                 and ".." not in Path(given).parts:
             return None
         raise
 
 
 def _pending_details(state: BoardState, given: str) -> dict[str, Any]:
-    launch = next(lc for lc in state.launcher.pending() if lc.output_dir == (state.root / given).resolve())
+    launch = next((lc for lc in state.launcher.pending() if lc.output_dir == runs.resolved_path(state.root / given)),
+                  None)
+    if launch is None:  # its run folder appeared, or it was forgotten, since the first look
+        raise BoardError(404, f"There is no run {given!r} under the board's root; reload the runs table.")
     return {"id": given, "pending": True, "status": "starting" if launch.alive else "failed",
             "detail": "" if launch.alive else f"ftkit train exited with status {launch.process.returncode}",
             "console": launch.console_tail(), "checkpoints": [], "evaluations": [], "config_text": "",

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ftkit.board.runs import BoardError, checkpoints, read_status, run_id, run_state
+from ftkit.board.runs import BoardError, checkpoints, read_status, resolved_path, run_id, run_state
 from ftkit.errors import FtkitError
 from ftkit.run_files import RUN_CONFIG_FILE, process_is_running
 
@@ -121,8 +121,8 @@ class Launcher:
         return config, path, []
 
     def _output_dir_problems(self, config: Any, text: str) -> list[dict[str, Any]]:
-        output_dir = (self.workdir / config.output_dir).resolve()
-        if output_dir == self.root or self.root not in output_dir.parents:
+        output_dir = resolved_path(self.workdir / config.output_dir)
+        if output_dir is None or output_dir == self.root or self.root not in output_dir.parents:
             return [_problem(text, "output_dir", f"output_dir {config.output_dir} is not under the board's root "
                              f"{self.root}; the board launches runs only where it can show them (for example "
                              f"output_dir: {os.path.relpath(self.root / 'my-run', self.workdir)}).")]
@@ -138,7 +138,7 @@ class Launcher:
         if problems:
             count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
             raise BoardError(400, f"The config has {count}; nothing was started.", problems=problems)
-        output_dir = (self.workdir / config.output_dir).resolve()
+        output_dir = resolved_path(self.workdir / config.output_dir)  # checked under the root by check()
         try:
             return self._start(output_dir, [str(path)], path)
         except BoardError:

@@ -95,8 +95,8 @@ def find_runs(root: Path) -> list[Path]:
             except OSError:
                 continue
             child = Path(entry.path)
-            if entry.is_symlink() and not _inside(child.resolve(), root):
-                continue  # a link pointing out of the root
+            if entry.is_symlink() and not _inside(resolved_path(child), root):
+                continue  # a link pointing out of the root (or in a loop)
             walk(child, depth + 1)
 
     walk(root, 0)
@@ -115,10 +115,9 @@ def run_dir(root: Path, given: str | None) -> Path:
     if relative.is_absolute() or ".." in relative.parts or given.startswith(("/", "\\")):
         raise BoardError(404, f"Run {given!r} is not under the board's root; ask for an id /api/runs lists.")
     folder = (root / relative)
-    try:
-        resolved = folder.resolve()
-    except (OSError, ValueError, UnicodeError):
-        raise BoardError(404, f"There is no run {given!r} under the board's root.") from None
+    resolved = resolved_path(folder)
+    if resolved is None:
+        raise BoardError(404, f"There is no run {given!r} under the board's root.")
     if not _inside(resolved, root) or resolved == root:
         raise BoardError(404, f"Run {given!r} is not under the board's root; ask for an id /api/runs lists.")
     if not resolved.is_dir() or not any((resolved / marker).exists() for marker in RUN_MARKERS):
@@ -126,8 +125,16 @@ def run_dir(root: Path, given: str | None) -> Path:
     return root / relative
 
 
-def _inside(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
+def _inside(path: Path | None, root: Path) -> bool:
+    return path is not None and (path == root or root in path.parents)
+
+
+def resolved_path(path: Path) -> Path | None:
+    """``path`` with every link followed; None for a link loop or a name the file system cannot hold."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError, ValueError, UnicodeError):  # RuntimeError: a symlink loop (Python < 3.13)
+        return None
 
 
 # -- one run's files ----------------------------------------------------------------------------------------
