@@ -8,7 +8,6 @@ with uPlot vendored for the charts: MIT licence in ``static/vendor/uplot/LICENSE
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ftkit.errors import FtkitError
+from ftkit.http_server import is_loopback
 
 console = Console(stderr=True, highlight=False)
 TOKEN_ENV = "FTKIT_BOARD_TOKEN"
@@ -24,15 +24,6 @@ TOKEN_ENV = "FTKIT_BOARD_TOKEN"
 
 def _say(message: str) -> None:
     console.print(f"[bold cyan]ftkit[/] {escape(message)}", soft_wrap=True)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def build_board(root: str | Path, *, host: str = "127.0.0.1", token: str | None = None,

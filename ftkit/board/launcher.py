@@ -37,7 +37,6 @@ BOARD_DIR = ".ftkit-board"  # under the root: the configs the page launched and 
 _CONSOLE_HEAD_BYTES = 4096  # the run's first lines: model, data, plan
 _CONSOLE_TAIL_BYTES = 65536  # and its last (a progress bar writes ~110 bytes a step)
 _CONSOLE_LINES = 80
-_KEY_LINE = re.compile(r"^([A-Za-z_][\w.-]*)\s*:")
 
 
 @dataclass
@@ -112,22 +111,22 @@ class Launcher:
         try:
             config = load_stage_config(TrainConfig, path, checks=(dataset_problems, training_target_problems)).config
         except FtkitError as error:
-            problems = located_problems(error, path, text)
+            problems = located_problems(error, path)
         if config is not None:
-            problems = self._output_dir_problems(config, text)
+            problems = self._output_dir_problems(config, path)
         if problems:
             path.unlink(missing_ok=True)
             return None, None, problems
         return config, path, []
 
-    def _output_dir_problems(self, config: Any, text: str) -> list[dict[str, Any]]:
+    def _output_dir_problems(self, config: Any, path: Path) -> list[dict[str, Any]]:
         output_dir = resolved_path(self.workdir / config.output_dir)
         if output_dir is None or output_dir == self.root or self.root not in output_dir.parents:
-            return [_problem(text, "output_dir", f"output_dir {config.output_dir} is not under the board's root "
+            return [_problem(path, "output_dir", f"output_dir {config.output_dir} is not under the board's root "
                              f"{self.root}; the board launches runs only where it can show them (for example "
                              f"output_dir: {os.path.relpath(self.root / 'my-run', self.workdir)}).")]
         if BOARD_DIR in output_dir.relative_to(self.root).parts:
-            return [_problem(text, "output_dir", f"output_dir {config.output_dir} is inside the board's own "
+            return [_problem(path, "output_dir", f"output_dir {config.output_dir} is inside the board's own "
                              f"{BOARD_DIR} folder; choose another folder under {self.root}.")]
         return []
 
@@ -240,28 +239,29 @@ def _is_ftkit_process(pid: Any) -> bool:
         return False
 
 
-def located_problems(error: FtkitError, path: Path, text: str) -> list[dict[str, Any]]:
+def located_problems(error: FtkitError, path: Path) -> list[dict[str, Any]]:
     """The config loader's sentences ("<file>:<line>: <key>: ...") as {line, key, message} for the page."""
     prefix = re.compile(re.escape(str(path)) + r"(?::(\d+|\?))?:\s*")
-    sentences = error.problems or [str(error)]
-    lines = text.splitlines()
+    key_at = {line: key for key, line in _key_lines(path).items()}
     located = []
-    for sentence in sentences:
+    for sentence in error.problems or [str(error)]:
         match = prefix.match(sentence)
         line = int(match.group(1)) if match and match.group(1) and match.group(1).isdigit() else None
         message = sentence[match.end():] if match else sentence.replace(str(path), "the config")
-        key = None
-        if line is not None and 0 < line <= len(lines):
-            found = _KEY_LINE.match(lines[line - 1])
-            key = found.group(1) if found else None
-        located.append({"line": line, "key": key, "message": message})
+        located.append({"line": line, "key": key_at.get(line), "message": message})
     return located
 
 
-def _problem(text: str, key: str, message: str) -> dict[str, Any]:
-    """A problem found by the board itself, at the line of ``key`` (if the text sets it)."""
-    for number, line in enumerate(text.splitlines(), start=1):
-        found = _KEY_LINE.match(line)
-        if found and found.group(1) == key:
-            return {"line": number, "key": key, "message": message}
-    return {"line": None, "key": key, "message": message}
+def _problem(path: Path, key: str, message: str) -> dict[str, Any]:
+    """A problem found by the board itself, at the line of ``key`` (if the config sets it)."""
+    return {"line": _key_lines(path).get(key), "key": key, "message": message}
+
+
+def _key_lines(path: Path) -> dict[str, int]:
+    """Each top-level key's line, as the config loader reads them; none when the file is not a YAML mapping."""
+    from ftkit.config.loading import read_yaml_mapping
+
+    try:
+        return read_yaml_mapping(path)[1]
+    except FtkitError:
+        return {}
