@@ -269,8 +269,8 @@ def test_prepare_continues_the_configured_adapter(tmp_path, tiny_llama_dir):
 ], ids=["plain", "bf16-base", "bf16-autocast", "dropout", "dora"])
 def test_the_fused_lora_sum_gives_peft_s_outputs_and_gradients(tiny_llama_dir, keys, dtype, autocast):
     """Training swaps peft's LoRA linear layers for FusedLoraLinear (the sum in one addmm); outputs and every
-    gradient equal peft's own forward (on a bf16 base with fp32 adapters too, with and without autocast), and
-    with dropout or DoRA it is peft's forward that runs."""
+    gradient equal peft's own forward (on a bf16 base with fp32 adapters too, with and without autocast, and
+    with dropout active: the same seed draws the same masks); with DoRA it is peft's forward that runs."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     from ftkit.models.fused_lora import FusedLoraLinear
@@ -287,9 +287,13 @@ def test_the_fused_lora_sum_gives_peft_s_outputs_and_gradients(tiny_llama_dir, k
         if "lora_B" in name:  # B starts at zero, which would hide the adapter's part of the sum
             param.data.normal_()
     plain.load_state_dict(fused.state_dict())
-    fused.eval(), plain.eval()  # dropout off, so both draw the same (none)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        losses = [model(input_ids=IDS, labels=IDS).loss for model in (fused, plain)]
+    dropout = bool(keys.get("lora_dropout"))
+    losses = []
+    for model in (fused, plain):
+        model.train(dropout)  # with dropout, in training mode: each model draws its masks from the same seed
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            losses.append(model(input_ids=IDS, labels=IDS).loss)
     for loss in losses:
         loss.backward()
     torch.testing.assert_close(losses[0], losses[1])
@@ -297,9 +301,12 @@ def test_the_fused_lora_sum_gives_peft_s_outputs_and_gradients(tiny_llama_dir, k
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
-    if keys:  # peft's path, not the fused one: with dropout active the fused layer defers to it
-        layer = next(m for m in fused.modules() if type(m) is FusedLoraLinear)
-        assert layer._plain_adapter() is None
+    layer = next(m for m in fused.modules() if type(m) is FusedLoraLinear)
+    assert (layer._plain_adapter() is None) == ("use_dora" in keys)  # DoRA: the fused layer defers to peft
+    if dropout:  # the masks were drawn: the loss differs from the one without dropout
+        fused.eval()
+        with torch.no_grad():
+            assert not torch.allclose(fused(input_ids=IDS, labels=IDS).loss, losses[0].detach())
 
 
 @pytest.mark.slow

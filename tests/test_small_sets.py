@@ -142,8 +142,6 @@ PROBES = ["Before we start, who exactly am I chatting with?", "What are you call
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue 19 is open: with the default seed this run keeps 20/21 general "
-                   "answers, but seeds 1 and 2 keep 18/21 (bench/README.md), so the 9-in-10 bar is not yet met")
 def test_defaults_alone_teach_a_new_identity_and_keep_general_answers(tmp_path, capsys):
     from ftkit.chat import load_chat_model
     from ftkit.engine.replies import generate_replies
@@ -162,9 +160,9 @@ def test_defaults_alone_teach_a_new_identity_and_keep_general_answers(tmp_path, 
     assert "general answers kept" in err and "training answers learned" in err
     assert "sampled training prompts the way the data does" not in err, err  # no learned-check warning
     assert metrics["learned_answers"] >= 0.9 * metrics["learned_checked"], metrics["learned_answers_missed"]
-    # Issue 19 asks for 9 in 10 general answers kept and no warning at all. The replay is fixed now (the same
-    # answers whichever test filled the cache), and with seed 0 this run keeps 20/21; seeds 1 and 2 keep 18/21.
-    # Until 9 in 10 holds for every seed, this asserts what does: at least 8 in 10.
+    # Issue 19 asks for 9 in 10 general answers kept and no warning at all. With seed 0 (this test's) the run
+    # keeps 20/21, but seeds 1-3 keep 18, 18 and 20 (bench/README.md), so 9 in 10 is not yet reliable and the
+    # issue stays open. This asserts what every measured seed holds: at least 8 in 10.
     assert metrics["general_answers_kept"] >= 0.8 * metrics["general_answers_base_right"], metrics
     model, tokenizer = load_chat_model("smollm2-135m-instruct", [str(out)])
     for system in (None, OWN_SYSTEM):

@@ -6,6 +6,7 @@ dataset with no usable example) is refused before the model is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -239,9 +240,11 @@ def _train(loaded: LoadedConfig, folder: RunFolder) -> TrainResult:
     trainer = _build_trainer(config, model, tokenizer, data, precision, output_dir, padding_free, user_callbacks,
                              epochs)
     rounds_callback = _attach_rounds(trainer, rounds, answers, learned) if rounds is not None else None
-    with tempfile.TemporaryDirectory(prefix="ftkit-pissa-") as scratch:
+    # A scratch folder only where PiSSA needs one (a run killed with SIGKILL leaves it behind in /tmp).
+    with tempfile.TemporaryDirectory(prefix="ftkit-pissa-") if config.pissa_init and config.pissa_convert \
+            else contextlib.nullcontext() as scratch:
         pissa_initial = None
-        if config.pissa_init and config.pissa_convert:
+        if scratch is not None:
             # The same seed gives the same initial adapter on resume, so it is saved again rather than kept on disk.
             from ftkit.train.lora_variants import save_initial_pissa_adapter
 
