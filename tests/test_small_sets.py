@@ -161,8 +161,8 @@ def test_defaults_alone_teach_a_new_identity_and_keep_general_answers(tmp_path, 
     assert "sampled training prompts the way the data does" not in err, err  # no learned-check warning
     assert metrics["learned_answers"] >= 0.9 * metrics["learned_checked"], metrics["learned_answers_missed"]
     # Issue 19 asks for 9 in 10 general answers kept and no warning at all. With seed 0 (this test's) the run
-    # keeps 20/21, but seeds 1-3 keep 18, 18 and 20 (bench/README.md), so 9 in 10 is not yet reliable and the
-    # issue stays open. This asserts what every measured seed holds: at least 8 in 10.
+    # keeps 20/21, but seeds 1-3 keep 18, 18 and 20 (bench/README.md): 9 in 10 is not reliable, which is why the
+    # issue is marked blocked. This asserts what every measured seed holds: at least 8 in 10.
     assert metrics["general_answers_kept"] >= 0.8 * metrics["general_answers_base_right"], metrics
     model, tokenizer = load_chat_model("smollm2-135m-instruct", [str(out)])
     for system in (None, OWN_SYSTEM):
