@@ -309,7 +309,10 @@ def test_without_a_token_only_loopback_names_reach_the_board(board):
     for host in (f"evil.example:{port}", "attacker.test", f"192.168.1.5:{port}"):
         refused = client.get("/", headers={"Host": host})
         assert refused.status_code == 403 and "loopback" in refused.json()["error"], host
-    assert client.get("/").headers["X-Frame-Options"] == "DENY"
+        assert refused.headers["X-Frame-Options"] == "DENY" and refused.headers["X-Content-Type-Options"] == "nosniff"
+    page = client.get("/").headers
+    assert (page["X-Frame-Options"], page["Content-Security-Policy"], page["X-Content-Type-Options"]) == (
+        "DENY", "frame-ancestors 'none'", "nosniff")
 
 
 def test_stop_signals_only_ftkit_train_processes(board):

@@ -92,9 +92,7 @@ def create_app(state: BoardState) -> FastAPI:
             if refusal is not None:
                 return _refusal(403, refusal)
         response = await call_next(request)
-        response.headers["X-Frame-Options"] = "DENY"
-        response.headers["Content-Security-Policy"] = "frame-ancestors 'none'"
-        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers.update(SECURITY_HEADERS)
         if state.token is not None and query_token and hmac.compare_digest(query_token.encode(), state.token.encode()):
             response.set_cookie(COOKIE, state.token, httponly=True, samesite="strict")
         return response
@@ -240,9 +238,13 @@ def _host_name(host: str) -> str:
     return host.rsplit(":", 1)[0]
 
 
+# On every response, refusals too: no page may frame the board (clickjacking), no file is sniffed as another type.
+SECURITY_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'",
+                    "X-Content-Type-Options": "nosniff"}
+
+
 def _refusal(status: int, message: str) -> SafeJSONResponse:
-    return SafeJSONResponse({"error": message}, status_code=status,
-                            headers={"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'"})
+    return SafeJSONResponse({"error": message}, status_code=status, headers=SECURITY_HEADERS)
 
 
 def _refuse_foreign_write(request: Request) -> str | None:

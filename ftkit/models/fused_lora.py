@@ -49,12 +49,9 @@ class FusedLoraLinear(LoraLinear):
         return adapter
 
 
-def fuse_lora_sums(model: nn.Module) -> int:
-    """Give every plain peft LoRA linear layer in ``model`` the fused forward; returns how many."""
-    count = 0
+def fuse_lora_sums(model: nn.Module) -> None:
+    """Give every plain peft LoRA linear layer in ``model`` the fused forward."""
     for module in model.modules():
         if type(module) is LoraLinear:
             module.__class__ = FusedLoraLinear
-            count += 1
-    return count
 
