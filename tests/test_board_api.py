@@ -361,7 +361,8 @@ def test_bad_requests_get_a_4xx_and_one_sentence(board):
                                             "max_new_tokens": True}),
              client.get("/api/nothing-here"), client.get("/api/config", params={"name": "../../etc/passwd"}),
              client.get("/api/datasets/preview", params={"name": "identity", "model": "/etc"}),
-             client.get("/api/datasets/preview", params={"name": "no-such-set"})]
+             client.get("/api/datasets/preview", params={"name": "no-such-set"}),
+             client.get("/api/datasets/preview", params={"name": "identity", "template": "vicuna"})]
     for response in cases:
         assert 400 <= response.status_code < 500, response.text
         assert response.json()["error"]
@@ -436,6 +437,19 @@ def test_the_data_tab_previews_trained_spans(board, tmp_path, tiny_llama_dir):
     assert records[0]["instruction"] in masked and records[0]["instruction"] not in trained
     assert trained.startswith(records[0]["output"].replace("{{name}}", "Ftkit")[:12])
     assert shown["stats"]["examples"] == len(records)
+    # another template: the same records in its prompt format, and only the reply trained
+    assert client.get("/api/datasets").json()["templates"][:2] == ["auto", "alpaca"]
+    shown = client.get("/api/datasets/preview", params={"name": "identity", "model": str(tiny_llama_dir),
+                                                        "template": "alpaca"}).json()
+    first = shown["examples"][0]
+    masked = "".join(text for text, is_trained in first["spans"] if not is_trained)
+    trained = "".join(text for text, is_trained in first["spans"] if is_trained)
+    assert shown["template"] == "alpaca" and f"### Instruction:\n{records[0]['instruction']}" in masked
+    assert "###" not in trained and trained.startswith(records[0]["output"].replace("{{name}}", "Ftkit")[:12])
+    # a template whose special tokens this tokenizer lacks: the sentence that says so, as training would
+    refused = client.get("/api/datasets/preview", params={"name": "identity", "model": str(tiny_llama_dir),
+                                                          "template": "llama3"})
+    assert refused.status_code == 400 and "which this tokenizer does not have" in refused.json()["error"]
 
 
 def test_the_try_box_answers_with_the_runs_adapter(board, tiny_llama_dir):

@@ -130,6 +130,8 @@ def test_the_data_tab_highlights_trained_spans(board):
     trained = page.locator("#preview .example pre .trained").first.inner_text()
     masked = page.locator("#preview .example pre .masked").first.inner_text()
     assert "Ftkit" in trained and "Who are you?" in masked
+    page.select_option("#preview-template", "alpaca")  # re-encodes the shown set in that template
+    page.wait_for_function("document.querySelector('#preview .example pre')?.textContent.includes('### Instruction:')")
 
 
 def tiny_config(model_dir: Path, output_dir: Path, **extra) -> str:

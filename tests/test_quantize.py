@@ -14,6 +14,7 @@ import torch
 from test_bad_input_paths import save_adapter
 
 from ftkit.config import QuantizeConfig, load_stage_config
+from ftkit.engine.cpu_weights import can_pack
 from ftkit.models import ModelSource, load_for_inference
 from ftkit.quantize import run_quantize
 from ftkit.quantize.report import REPORT_NAME
@@ -184,6 +185,8 @@ def test_embedded_model_int8_and_gguf_q8_0(tmp_path):
     assert "Paris" in loaded.tokenizer.decode(answer)
 
 
+@pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.bfloat16),
+                    reason="this CPU has no oneDNN bf16 support, so the engine never packs weights")
 def test_engine_weight_packing_leaves_torchao_weights_alone(tiny_llama_dir, tmp_path):
     from ftkit.engine.cpu_weights import pack_linear_weights
 

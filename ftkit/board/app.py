@@ -35,7 +35,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from ftkit.board import runs
-from ftkit.board.data_view import DataView
+from ftkit.board.data_view import PREVIEW_TEMPLATES, DataView
 from ftkit.board.launcher import Launcher, console_tail
 from ftkit.board.runs import BoardError, Curves, finite
 from ftkit.board.tryout import Tryout
@@ -215,11 +215,12 @@ def create_app(state: BoardState) -> FastAPI:
 
     @app.get("/api/datasets")
     def datasets() -> dict[str, Any]:
-        return {**state.data.datasets(), "models": _preview_models(state)}
+        return {**state.data.datasets(), "models": _preview_models(state), "templates": PREVIEW_TEMPLATES}
 
     @app.get("/api/datasets/preview")
-    def preview(name: str = Query(""), model: str = Query(DEFAULT_MODEL_NAME)) -> dict[str, Any]:
-        return state.data.preview(name, model, _preview_models(state))
+    def preview(name: str = Query(""), model: str = Query(DEFAULT_MODEL_NAME),
+                template: str = Query("auto")) -> dict[str, Any]:
+        return state.data.preview(name, model, _preview_models(state), template)
 
     return app
 

@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from ftkit.board.runs import BoardError
+from ftkit.config.template_names import FTKIT_TEMPLATE_NAMES
 from ftkit.errors import FtkitError
 
 PREVIEW_EXAMPLES = 3
+PREVIEW_TEMPLATES = ["auto", *FTKIT_TEMPLATE_NAMES]  # "auto": the tokenizer's own, as training's default
 
 
 class DataView:
@@ -47,7 +49,8 @@ class DataView:
         return {"dataset_dir": str(self.dataset_dir), "registry": str(registry_file), "datasets": rows}
 
     def preview(self, name: str, model: str, models: list[str], template: str = "auto") -> dict[str, Any]:
-        """The first examples of dataset ``name`` encoded for ``model`` (one of ``models``), spans marked."""
+        """The first examples of dataset ``name`` encoded for ``model`` (one of ``models``) with ``template`` (one
+        of ``PREVIEW_TEMPLATES``), spans marked."""
         from ftkit.config import TrainConfig, load_stage_config
         from ftkit.data.dataset import encode_dataset
         from ftkit.data.encoding import trained_spans
@@ -57,6 +60,9 @@ class DataView:
         if model not in models:
             raise BoardError(400, f"model {model!r} is not one the board previews with; pick one of: "
                              f"{', '.join(models)}.")
+        if template not in PREVIEW_TEMPLATES:
+            raise BoardError(400, f"template {template!r} is not one the board previews with; pick one of: "
+                             f"{', '.join(PREVIEW_TEMPLATES)}.")
         names = {row["name"] for row in self.datasets()["datasets"]}
         if name not in names:
             raise BoardError(404, f"There is no dataset {name!r} in {self.dataset_dir}/dataset_info.json; pick one "
@@ -76,7 +82,7 @@ class DataView:
                   "spans": trained_spans(tokenizer, example.input_ids, example.labels)}
                  for example in examples[:PREVIEW_EXAMPLES]]
         skipped = [{"reason": reason, "count": count} for reason, count in stats.conversion.skipped.most_common()]
-        return {"name": name, "model": model, "examples": shown,
+        return {"name": name, "model": model, "template": template, "examples": shown,
                 "stats": {"examples": stats.encoded, "records": stats.conversion.total, "skipped": skipped,
                           "truncated": stats.truncated, "tokens": stats.tokens, "trained_tokens": stats.trained_tokens}}
 

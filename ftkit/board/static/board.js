@@ -395,22 +395,26 @@ async function renderData() {
   const route = board.route;
   const tbody = h("tbody");
   const modelPick = h("select", { id: "preview-model" });
+  const templatePick = h("select", { id: "preview-template" });
   const preview = h("div", { id: "preview" });
   view(h("h2", {}, "Datasets"), h("p", { class: "muted", id: "registry" }),
        h("table", { id: "datasets" }, h("thead", {}, h("tr", {}, ["name", "format", "source", "file", "available"]
          .map((n) => h("th", {}, n)))), tbody),
-       h("div", { class: "toolbar" }, h("span", {}, "preview with the tokenizer and template of "), modelPick), preview);
+       h("div", { class: "toolbar" }, h("span", {}, "preview with the tokenizer of "), modelPick,
+         h("span", {}, " and the template "), templatePick), preview);
   let body;
   try { body = await api("/api/datasets"); } catch (error) { preview.replaceChildren(h("div", { class: "notice bad" }, error.message)); return; }
   if (!stillShown(route)) return;
   document.getElementById("registry").textContent = body.error || `registry: ${body.registry}`;
   modelPick.append(...body.models.map((m) => h("option", { value: m }, m)));
+  templatePick.append(...body.templates.map((t) => h("option", { value: t }, t === "auto" ? "auto (the model's own)" : t)));
   let showing = null;
   const show = async (name) => {
     showing = name;
     preview.replaceChildren(h("p", { class: "muted" }, `encoding ${name}…`));
     try {
-      const shown = await api(`/api/datasets/preview?name=${encodeURIComponent(name)}&model=${encodeURIComponent(modelPick.value)}`);
+      const shown = await api(`/api/datasets/preview?name=${encodeURIComponent(name)}&model=${encodeURIComponent(modelPick.value)}`
+        + `&template=${encodeURIComponent(templatePick.value)}`);
       const s = shown.stats;
       preview.replaceChildren(h("h3", {}, `${name}: ${s.examples.toLocaleString()} of ${s.records.toLocaleString()} records encoded, `
           + `${s.trained_tokens.toLocaleString()} of ${s.tokens.toLocaleString()} tokens trained`),
@@ -422,7 +426,7 @@ async function renderData() {
           h("pre", {}, example.spans.map(([piece, trained]) => h("span", { class: trained ? "trained" : "masked" }, piece))))));
     } catch (error) { preview.replaceChildren(h("div", { class: "notice bad" }, error.message)); }
   };
-  modelPick.addEventListener("change", () => showing && show(showing));
+  for (const pick of [modelPick, templatePick]) pick.addEventListener("change", () => showing && show(showing));
   tbody.replaceChildren(...body.datasets.map((d) => h("tr", { class: "clickable", "data-name": d.name, onclick: () => show(d.name) },
     h("td", {}, d.name), h("td", {}, d.format || d.error || ""), h("td", {}, d.source || ""), h("td", {}, d.location || ""),
     h("td", {}, d.available === null || d.available === undefined ? "needs hub or cache" : (d.available ? "yes" : "MISSING")))));
