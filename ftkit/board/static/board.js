@@ -409,12 +409,15 @@ async function renderData() {
   modelPick.append(...body.models.map((m) => h("option", { value: m }, m)));
   templatePick.append(...body.templates.map((t) => h("option", { value: t }, t === "auto" ? "auto (the model's own)" : t)));
   let showing = null;
+  let asked = 0;  // only the newest preview request may draw: an older one can answer after it
   const show = async (name) => {
     showing = name;
+    const ticket = ++asked;
     preview.replaceChildren(h("p", { class: "muted" }, `encoding ${name}…`));
     try {
       const shown = await api(`/api/datasets/preview?name=${encodeURIComponent(name)}&model=${encodeURIComponent(modelPick.value)}`
         + `&template=${encodeURIComponent(templatePick.value)}`);
+      if (ticket !== asked) return;
       const s = shown.stats;
       preview.replaceChildren(h("h3", {}, `${name}: ${s.examples.toLocaleString()} of ${s.records.toLocaleString()} records encoded, `
           + `${s.trained_tokens.toLocaleString()} of ${s.tokens.toLocaleString()} tokens trained`),
@@ -424,7 +427,7 @@ async function renderData() {
         ...shown.examples.map((example, i) => h("div", { class: "example" },
           h("div", { class: "muted" }, `#${i}: ${example.tokens} tokens, ${example.trained} trained`),
           h("pre", {}, example.spans.map(([piece, trained]) => h("span", { class: trained ? "trained" : "masked" }, piece))))));
-    } catch (error) { preview.replaceChildren(h("div", { class: "notice bad" }, error.message)); }
+    } catch (error) { if (ticket === asked) preview.replaceChildren(h("div", { class: "notice bad" }, error.message)); }
   };
   for (const pick of [modelPick, templatePick]) pick.addEventListener("change", () => showing && show(showing));
   tbody.replaceChildren(...body.datasets.map((d) => h("tr", { class: "clickable", "data-name": d.name, onclick: () => show(d.name) },
